@@ -1,0 +1,35 @@
+"""The small protocols every source and sink implements (like quix-streams' `BaseSink.add/flush`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from monitor.alerts import Alert
+from monitor.errors import EventRejected
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One input record as received: its bytes and where it came from (file:line, or topic/partition/offset)."""
+
+    value: bytes
+    origin: str
+    headers: dict[str, bytes] = field(default_factory=dict)
+
+
+class Source(Protocol):
+    def __iter__(self) -> Iterator[RawRecord]: ...
+
+
+class AlertSink(Protocol):
+    def add(self, alert: Alert) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class RejectSink(Protocol):
+    def add(self, record: RawRecord, error: EventRejected) -> None: ...
+
+    def flush(self) -> None: ...

@@ -1,0 +1,106 @@
+"""Alert records and the book that turns rule matches into raised and retracted alerts.
+
+An alert's identity is (rule, subject, the fact that fired it). Its `alert_id` is a hash of that identity, so the
+same alert always gets the same id, in a replay, after a restart or under another rules version. If an alert is
+withdrawn and the condition later returns, the new alert carries an occurrence number in its identity, so a
+consumer that keys on `alert_id` never confuses the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from monitor.facts import Fact
+from monitor.rules import Rule, SafeFormat
+
+DEDUP_NOTE = "consumers deduplicate on (alert_id, status): a redelivered record is identical"
+
+
+class Alert(BaseModel):
+    """One alert record, as written to standard output or the alerts topic."""
+
+    model_config = ConfigDict(frozen=True)
+
+    alert_id: str
+    status: Literal["raised", "retracted"]
+    retracts: str | None = None
+    rule: str
+    title: str
+    subject_id: str
+    site_id: str
+    severity: str
+    category: str
+    at: str
+    detected_at: str
+    rule_version: str
+    message: str
+    expects: str = ""
+    evidence: dict[str, Any]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+def alert_id(rule: str, subject_id: str, fact_id: str, occurrence: int) -> str:
+    text = f"{rule}|{subject_id}|{fact_id}" + (f"|{occurrence}" if occurrence else "")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+class AlertBook:
+    """Open alerts per subject; `reconcile` compares them with the engine's matches and says what changed."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, dict[tuple[str, str], Alert]] = {}
+        self._occurrences: dict[tuple[str, str, str], int] = {}
+
+    def open_alerts(self, subject_id: str | None = None) -> list[Alert]:
+        books = [self._open.get(subject_id, {})] if subject_id else list(self._open.values())
+        return [a for book in books for a in book.values()]
+
+    def reconcile(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
+                  rules: dict[str, Rule], detected_at: str, version: str) -> list[Alert]:
+        book = self._open.setdefault(subject_id, {})
+        out: list[Alert] = []
+        for identity in sorted(set(book) - matches):
+            old = book.pop(identity)
+            out.append(old.model_copy(update={"status": "retracted", "retracts": old.alert_id,
+                                              "detected_at": detected_at, "rule_version": version}))
+        for identity in sorted(matches - set(book)):
+            rule_id, fact_id = identity
+            rule, fact = rules.get(rule_id), facts.get(fact_id)
+            if rule is None or fact is None:
+                continue
+            key = (rule_id, subject_id, fact_id)
+            occurrence = self._occurrences.get(key, 0)
+            self._occurrences[key] = occurrence + 1
+            alert = make_alert(rule=rule, fact=fact, subject_id=subject_id, site_id=site_id,
+                               alert_id=alert_id(rule_id, subject_id, fact_id, occurrence), detected_at=detected_at,
+                               version=version)
+            book[identity] = alert
+            out.append(alert)
+        return out
+
+
+def make_alert(*, rule: Rule, fact: Fact, subject_id: str, site_id: str, alert_id: str, detected_at: str,
+               version: str) -> Alert:
+    values = fact.values
+    evidence = {"fact": fact.name, "values": {k: v for k, v in values.items() if v is not None}, **fact.evidence}
+    return Alert(
+        alert_id=alert_id,
+        status="raised",
+        rule=rule.spec.id,
+        title=rule.spec.title,
+        subject_id=subject_id,
+        site_id=site_id,
+        severity=rule.severity_for(values),
+        category=rule.category,
+        at=str(values.get(rule.spec.at)),
+        detected_at=detected_at,
+        rule_version=version,
+        message=rule.spec.message.format_map(SafeFormat({k: v for k, v in values.items() if v is not None})),
+        expects=rule.spec.expects,
+        evidence=evidence,
+    )

@@ -1,0 +1,100 @@
+"""The `protocol-monitor` command line."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+from pathlib import Path
+
+from monitor.errors import MonitorError, RuleFileError
+
+
+def _instant(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 date-time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset; add one, e.g. +01:00")
+    return value
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from connectors.file import JsonLinesSource
+    from connectors.stdout import JsonLinesAlertSink, TextRejectSink
+    from monitor.clock import ReplayClock
+    from monitor.evaluator import Monitor
+    from monitor.replay import replay
+    from monitor.rules import load_rules
+
+    missing = [p for p in args.files if not Path(p).is_file()]
+    if missing:
+        print(f"protocol-monitor: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    rules = load_rules(args.rules)
+    clock = ReplayClock()
+    monitor = Monitor.create(rules=rules, clock=clock)
+    summary = replay(source=JsonLinesSource(paths=args.files), monitor=monitor, clock=clock,
+                     alerts=JsonLinesAlertSink(stream=sys.stdout), rejects=TextRejectSink(stream=sys.stderr),
+                     until=args.until)
+    for line in summary.lines(monitor):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from monitor.demo import run_demo
+
+    return run_demo(rules_dir=args.rules)
+
+
+def _cmd_rules_check(args: argparse.Namespace) -> int:
+    from monitor.rules import load_rules
+
+    rules = load_rules(args.dir)
+    print(f"ok: {len(rules.rules)} rules, version {rules.version}, from {rules.directory}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="protocol-monitor", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("replay", help="replay JSON Lines event files; alerts to stdout, summary to stderr")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--until", type=_instant, default=None,
+                   help="evaluation horizon: after the input, deadlines up to this instant are evaluated")
+    p.add_argument("--rules", default=None, metavar="DIR", help="rules directory (default: the bundled rules/)")
+    p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("demo", help="replay the bundled demo cohort and print its alerts (no external services)")
+    p.add_argument("--rules", default=None, metavar="DIR")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("rules", help="rule files: check")
+    rsub = p.add_subparsers(dest="rules_command", required=True)
+    c = rsub.add_parser("check", help="load and validate a rules directory")
+    c.add_argument("dir", nargs="?", default=None)
+    c.set_defaults(func=_cmd_rules_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except RuleFileError as exc:
+        print(f"protocol-monitor: {exc}", file=sys.stderr)
+        return 3
+    except MonitorError as exc:
+        print(f"protocol-monitor: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130

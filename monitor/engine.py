@@ -1,0 +1,187 @@
+"""Engine adapter: the only module that imports durable_rules.
+
+It applies every workaround of ENGINE_NOTES:
+- compiled rules compare one message with constants (checked again here before registration, upstream #381);
+- the monitor assigns engine sids itself and refuses a sid whose 32-bit FNV-1a hash collides with another in the
+  same registration (two subjects must never share a session);
+- subjects are sharded over several registrations of the same ruleset, each well under 1,024 sessions;
+  `delete_state` is never called;
+- the Host's timer and dispatch threads are never started: the monitor owns time;
+- ruleset names carry the rules version and an instance tag, so versions can live side by side;
+- every engine call and every action is wrapped: "not handled" means no match, anything else is an EngineError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from durable import engine as _dr
+
+from monitor.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+MAX_SESSIONS_PER_REGISTRATION = 1024
+DEFAULT_SHARD_SIZE = 1000
+
+
+def sid_hash(sid: str) -> int:
+    """The 32-bit FNV-1a hash durable_rules uses to find a session (state.c: fnv1Hash32 over the sid)."""
+    h = 0x811C9DC5
+    for byte in sid.encode("utf-8"):
+        if byte >= 0x80:  # the C code xors a signed char: sign-extend like it does
+            byte |= 0xFFFFFF00
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def _constant_only(expr: Any) -> bool:
+    if isinstance(expr, dict):
+        for key, value in expr.items():
+            if not key.startswith("$") and isinstance(value, (dict, list)):
+                return False  # {field: {...}} compares with another message or an expression
+            if key in ("$m", "$s", "$add", "$sub", "$mul", "$div"):
+                return False
+            if not _constant_only(value):
+                return False
+        return True
+    if isinstance(expr, list):
+        return all(_constant_only(v) for v in expr)
+    return True
+
+
+def check_definition(definition: dict[str, Any]) -> None:
+    """Refuse any rule that joins or references another message: it can segfault the engine."""
+    for name, rule in definition.items():
+        conds = rule.get("all") or rule.get("any") or []
+        if len(conds) != 1 or set(conds[0]) != {"m"} or not _constant_only(conds[0]["m"]):
+            raise EngineError(f"rule {name}: compiled rules may only compare one message with constants")
+
+
+class _Host(_dr.Host):
+    """A Host without its background threads; actions resolve to one recording callback."""
+
+    def __init__(self, action: Callable[[str, Any], None]) -> None:
+        self._action = action
+        super().__init__()
+
+    def _run(self) -> None:  # no timer or dispatch threads (ENGINE_NOTES: timers run on the wall clock)
+        return
+
+    def get_action(self, action_name: str) -> Callable[[Any], None]:
+        def run(c: Any) -> None:
+            self._action(action_name, c)
+
+        return run
+
+
+class RulesEngine:
+    """Holds one compiled rules version and one engine session per subject.
+
+    `sync(subject, facts)` makes the subject's facts in the engine equal to `facts` (retracting what went,
+    asserting what is new or changed); `matches(subject)` is the set of (rule id, fact id) currently firing.
+    """
+
+    def __init__(self, *, definition: dict[str, Any], version: str, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+        if not 0 < shard_size < MAX_SESSIONS_PER_REGISTRATION:
+            raise EngineError(f"shard_size must be between 1 and {MAX_SESSIONS_PER_REGISTRATION - 1}")
+        check_definition(definition)
+        self.version = version
+        self._definition = definition
+        self._shard_size = shard_size
+        self._prefix = f"rules_{version}_{id(self):x}"
+        self._host = _Host(self._on_action)
+        self._shards: list[str] = []
+        self._shard_hashes: list[set[int]] = []
+        self._sids: dict[str, tuple[str, str]] = {}
+        self._next_sid = 0
+        self._asserted: dict[str, dict[str, str]] = {}
+        self._matches: dict[str, dict[str, set[str]]] = {}
+        self._fired: list[tuple[str, str, str]] = []
+        self.action_errors = 0
+
+    # ---- sessions ---------------------------------------------------------------------------------------------
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards)
+
+    def session_of(self, subject_id: str) -> tuple[str, str]:
+        """(registration name, sid) of a subject, created on first use."""
+        found = self._sids.get(subject_id)
+        if found is not None:
+            return found
+        if not self._shards or len(self._shard_hashes[-1]) >= self._shard_size:
+            name = f"{self._prefix}_s{len(self._shards)}"
+            try:
+                self._host.register_rulesets({name: json.loads(json.dumps(self._definition))})
+            except Exception as exc:  # the engine raises bare Exception on a name clash
+                raise EngineError(f"could not register ruleset {name}: {exc}") from exc
+            self._shards.append(name)
+            self._shard_hashes.append(set())
+        hashes = self._shard_hashes[-1]
+        while True:
+            self._next_sid += 1
+            sid = str(self._next_sid)
+            h = sid_hash(sid)
+            if h not in hashes:
+                break
+            log.warning("engine sid %s skipped: its hash collides with another session", sid)
+        hashes.add(h)
+        found = (self._shards[-1], sid)
+        self._sids[subject_id] = found
+        return found
+
+    # ---- facts ------------------------------------------------------------------------------------------------
+    def _on_action(self, rule: str, c: Any) -> None:
+        try:
+            m = c.m
+            self._fired.append((rule, str(m["sid"]), str(m["id"])))
+        except Exception:  # an action must never fail silently inside the engine
+            self.action_errors += 1
+            log.exception("rule action %s failed", rule)
+
+    def sync(self, subject_id: str, facts: dict[str, dict[str, Any]]) -> None:
+        name, sid = self.session_of(subject_id)
+        held = self._asserted.setdefault(subject_id, {})
+        matches = self._matches.setdefault(subject_id, {})
+        wanted = {fid: json.dumps(msg, sort_keys=True) for fid, msg in facts.items()}
+        for fid in sorted(held):
+            if wanted.get(fid) != held[fid]:
+                if matches.pop(fid, None) is not None:
+                    self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
+                del held[fid]
+        for fid in sorted(wanted):
+            if fid in held:
+                continue
+            message = dict(facts[fid], sid=sid, id=fid)
+            self._fired.clear()
+            handled = self._call(self._host.assert_fact, name, message)
+            held[fid] = wanted[fid]
+            rules = {rule for rule, s, f in self._fired if s == sid and f == fid}
+            stray = [(r, s, f) for r, s, f in self._fired if s != sid or f != fid]
+            if stray:
+                raise EngineError(f"engine fired for another session or fact: {stray[:3]} (session isolation broken)")
+            if handled:
+                matches[fid] = rules
+
+    def _call(self, fn: Callable[..., Any], name: str, message: dict[str, Any]) -> bool:
+        try:
+            fn(name, message)
+            return True
+        except _dr.MessageNotHandledException:
+            return False
+        except _dr.MessageObservedException:
+            return True
+        except Exception as exc:
+            raise EngineError(f"engine call {fn.__name__} failed on {message.get('id')}: {exc}") from exc
+
+    def matches(self, subject_id: str) -> set[tuple[str, str]]:
+        return {(rule, fid) for fid, rules in self._matches.get(subject_id, {}).items() for rule in rules}
+
+    def engine_facts(self, subject_id: str) -> list[dict[str, Any]]:
+        """The facts the engine holds for a subject (for tests and diagnostics)."""
+        name, sid = self.session_of(subject_id)
+        return list(self._host.get_facts(name, sid))

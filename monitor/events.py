@@ -1,0 +1,256 @@
+"""Clinical event model (RULES_SPEC §5) and parsing of raw input into validated events.
+
+Every way an input can be wrong ends in `EventRejected` with a reason code (for counting) and a sentence a data
+manager can act on. Nothing here raises anything else for bad input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from monitor.errors import EventRejected
+
+MAX_EVENT_BYTES = 1_000_000
+"""Largest accepted event; a bigger one is rejected as `too_large` (it is never a real clinical record)."""
+
+Arm = Literal["anakinra", "ivig"]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+Text = Annotated[str, Field(min_length=1, max_length=4000)]
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
+
+    event_id: Text
+    subject_id: Annotated[str, Field(min_length=1, max_length=200)]
+    site_id: Annotated[str, Field(min_length=1, max_length=200)]
+    arm: Arm | None = None
+    occurred_at: AwareDatetime
+    recorded_at: AwareDatetime
+    status: Literal["final", "amended", "corrected", "preliminary"] | None = None
+    amendment_reason: str | None = None
+    ingest_batch: str | None = None
+    source: str | None = None
+
+
+class KdDiagnosis(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    classification: str | None = None
+    fever_onset_date: dt.date | None = None
+    principal_signs: list[str] = Field(default_factory=list)
+    signs_present_by_fever_day: int | None = None
+    fever_days_at_first_ivig: int | None = None
+    crp_mg_dl: Number | None = None
+    esr_mm_h: Number | None = None
+    supplemental_lab_criteria: list[str] = Field(default_factory=list)
+    echo_positive: bool | None = None
+
+
+class Enrollment(_Base):
+    type: Literal["enrollment"]
+    birth_date: dt.date
+    sex: str | None = None
+    consent_signed_at: AwareDatetime | None = None
+    weight_kg: Number | None = None
+    height_cm: Number | None = None
+    gestational_age_at_birth_weeks: Number | None = None
+    kd_diagnosis: KdDiagnosis | None = None
+    exclusion_checklist: dict[str, StrictBool | None] = Field(default_factory=dict)
+    health_insurance: bool | None = None
+
+
+class VitalSign(_Base):
+    type: Literal["vital_sign"]
+    code: str | None = None
+    analyte: str | None = None
+    temperature_c: Number | None = None
+    value: Number | None = None
+    unit: str | None = None
+    site: str | None = None
+
+
+class LabResult(_Base):
+    type: Literal["lab_result"]
+    analyte: Text
+    loinc: str | None = None
+    value: Number
+    unit: str | None = None
+    reference_range: dict[str, Any] | None = None
+    method: str | None = None
+
+
+class _DoseFields(BaseModel):
+    dose_mg_per_kg: Number | None = None
+    dose_mg: Number | None = None
+    dose_g_per_kg: Number | None = None
+    dose_g: Number | None = None
+
+
+class DrugAdministration(_Base, _DoseFields):
+    type: Literal["drug_administration"]
+    drug: Text
+    atc: str | None = None
+    route: str | None = None
+    weight_kg: Number | None = None
+    infusion_end_at: AwareDatetime | None = None
+    study_drug: bool = False
+    purpose: str | None = None
+
+
+class ConcomitantMedication(_Base, _DoseFields):
+    type: Literal["concomitant_medication"]
+    drug: Text
+    atc: str | None = None
+    route: str | None = None
+    dose_mg_per_kg_per_day: Number | None = None
+    dose_iu: Number | None = None
+    frequency: str | None = None
+    regimen: str | None = None
+    indication: str | None = None
+    start_at: AwareDatetime | None = None
+    end_at: AwareDatetime | None = None
+
+
+class Immunization(_Base):
+    type: Literal["immunization"]
+    vaccine: Text
+    atc: str | None = None
+    live_attenuated: bool | None = None
+    route: str | None = None
+
+
+class AdverseEvent(_Base):
+    type: Literal["adverse_event"]
+    term: Text
+    meddra_pt: str | None = None
+    grade: int | None = None
+    serious: bool = False
+    serious_criteria: list[str] = Field(default_factory=list)
+    related_to_study_drug: bool | str | None = None
+    infection_type: str | None = None
+    investigator_aware_at: AwareDatetime | None = None
+
+
+class Visit(_Base):
+    type: Literal["visit"]
+    visit: Text
+    nominal_day: int | None = None
+    physician_activity_score: Number | None = None
+    parent_activity_score: Number | None = None
+
+
+class Echocardiogram(_Base):
+    type: Literal["echocardiogram"]
+    visit: str | None = None
+    coronary_z_scores: dict[str, Number | None] = Field(default_factory=dict)
+    worst_z: Number | None = None
+
+    @field_validator("coronary_z_scores")
+    @classmethod
+    def _known_arteries(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        return {k: v for k, v in value.items() if v is not None}
+
+
+Event = Annotated[
+    Union[
+        Enrollment,
+        VitalSign,
+        LabResult,
+        DrugAdministration,
+        ConcomitantMedication,
+        Immunization,
+        AdverseEvent,
+        Visit,
+        Echocardiogram,
+    ],
+    Field(discriminator="type"),
+]
+EVENT_TYPES: tuple[str, ...] = (
+    "enrollment",
+    "vital_sign",
+    "lab_result",
+    "drug_administration",
+    "concomitant_medication",
+    "immunization",
+    "adverse_event",
+    "visit",
+    "echocardiogram",
+)
+_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ()) if p not in EVENT_TYPES)
+    kind = error.get("type", "")
+    if kind == "missing":
+        return f"required field '{where}' is missing"
+    if kind == "timezone_aware":
+        return f"'{where}' has no UTC offset; send ISO-8601 with an offset, e.g. 2025-02-10T08:30:00+01:00"
+    if kind.startswith("datetime") or kind.startswith("date"):
+        return f"'{where}' is not an ISO-8601 date/time ({error.get('msg')})"
+    if kind.startswith("float") or kind.startswith("int") or kind == "finite_number":
+        return f"'{where}' is not a usable number (got {error.get('input')!r})"
+    return f"'{where}': {error.get('msg')}"
+
+
+def _reason_for(errors: list[dict[str, Any]]) -> str:
+    kinds = {e.get("type", "") for e in errors}
+    if "missing" in kinds:
+        return "missing_field"
+    if any(k.startswith(("datetime", "date", "timezone")) for k in kinds):
+        return "bad_time"
+    if any(k.startswith(("float", "int", "finite")) for k in kinds):
+        return "bad_number"
+    return "invalid_field"
+
+
+def decode(raw: bytes | str) -> dict[str, Any]:
+    """Turn raw bytes into a JSON object, or reject with the reason."""
+    if len(raw) > MAX_EVENT_BYTES:
+        raise EventRejected("too_large", f"event is {len(raw)} bytes; the limit is {MAX_EVENT_BYTES}")
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EventRejected("malformed_json", f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise EventRejected("not_an_object", f"an event must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_event(data: dict[str, Any]) -> Event:
+    """Validate one decoded event. Raises EventRejected naming the first problem a person should fix."""
+    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    kind = data.get("type")
+    if kind is None:
+        raise EventRejected("missing_field", "required field 'type' is missing", event_id=event_id)
+    if kind not in EVENT_TYPES:
+        raise EventRejected(
+            "unknown_type", f"unknown event type {kind!r}; expected one of {', '.join(EVENT_TYPES)}", event_id=event_id
+        )
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        detail = "; ".join(_describe(e) for e in errors[:3])
+        raise EventRejected(_reason_for(errors), f"{kind} event: {detail}", event_id=event_id) from None
+    except (TypeError, ValueError, RecursionError) as exc:  # defensive: pydantic edge cases on odd input
+        raise EventRejected("invalid_field", f"{kind} event: {exc}", event_id=event_id) from None
+
+
+def canonical(data: dict[str, Any]) -> str:
+    """Canonical text of a payload, used to tell a transport retry (same bytes) from an amendment (§2.6)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,123 @@
+"""The catalogue of derived facts: the named quantities the monitor computes and rule files test.
+
+A rule file names one fact type (`fact:`) and compares its fields with constants. The engine never computes
+anything across events (ENGINE_NOTES, upstream #381): hours since T0, corrected temperatures, eGFR, dosing-day
+totals and fever status at Hx are computed here, in Python, from the subject's validated events.
+
+Every fact has `at` (ISO-8601 event time, the alert's `at` by default). Time fields are ISO-8601 strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FactType:
+    name: str
+    doc: str
+    fields: dict[str, type]
+
+
+def _fact(name: str, doc: str, **fields: type) -> FactType:
+    return FactType(name, doc, {"at": str, **fields})
+
+
+FACTS: dict[str, FactType] = {
+    f.name: f
+    for f in (
+        _fact(
+            "baseline_lab",
+            "The most recent valid pre-T0 value of an eligibility analyte (A-10); at = enrollment.",
+            analyte=str, value=float, unit=str, specimen_at=str, hours_before_reference=float,
+            egfr_method_validated=bool,
+        ),
+        _fact(
+            "medication_exposure",
+            "One drug administration or concomitant medication, classified against the reference tables.",
+            drug=str, atc=str, route=str, source=str, phase=str, systemic=bool,
+            cyp_listed=bool, cyp_role=str, cyp_strength=str, cyp_recent=bool,
+            systemic_steroid=bool, biologic=bool, in_kd_episode=bool,
+            immunosuppressant=bool, washout_hours=float, washout_remaining_hours=float,
+            in_restricted_period=bool, start_at=str, last_dose_at=str,
+        ),
+        _fact(
+            "baseline_vaccine",
+            "An immunisation before T0, with its live status and whether it falls in the 1-month look-back; "
+            "at = enrollment.",
+            vaccine=str, atc=str, live=bool, within_lookback=bool, vaccine_date=str,
+        ),
+        _fact(
+            "anakinra_dose",
+            "One anakinra administration in the anakinra arm with its dosing day and the running day total "
+            "before and after it (mg/kg); fever_status is what justifies an escalation on that day.",
+            dosing_day=float, dose_mg_per_kg=float, day_total_before=float, day_total_after=float,
+            base_level=float, ratio_before=float, ratio_after=float, first_dose=bool, fever_status=str,
+            hours_since_t0=float, weight_kg=float,
+        ),
+        _fact(
+            "ladder_step",
+            "The H12 or H24 escalation decision, once its deadline (Hx + 3 h) has passed: fever at Hx and "
+            "what was given (H12: the supplement in the window; H24: the day-2 total by H24 + 3 h).",
+            step=str, febrile=bool, assessed_c=float, assessed_at=str, given_mg_per_kg=float,
+            doses_in_window=float, weight_known=bool, level_day1=float, window_start=str, window_end=str,
+        ),
+        _fact(
+            "fever_assessment",
+            "A required temperature-assessment window once it has closed: H12/H24 ([Hx-2h, Hx+1h]) and "
+            "ENDPOINT ([A+36h, A+48h]) with the number of valid readings in it.",
+            window=str, readings=float, afebrile_readings_before=float, window_start=str, window_end=str,
+        ),
+        _fact(
+            "primary_endpoint",
+            "The 48-hour primary-endpoint verdict for an anchor (T0, or LASTESC = the last initial-ladder "
+            "escalation), once A + 48 h has passed.",
+            anchor=str, anchor_at=str, afebrile_readings=float, late_window_readings=float,
+        ),
+        _fact(
+            "fever_recurrence",
+            "A febrile reading after T0 that follows an afebrile stretch; afebrile_hours is the time since the "
+            "previous febrile reading.",
+            afebrile_hours=float, study_day=float, corrected_c=float,
+        ),
+        _fact(
+            "temperature_quality",
+            "A temperature reading excluded from decisions: problem = unit_suspect | nonprotocol_site | "
+            "unit_unrecognized.",
+            problem=str, value=float, unit=str, site=str,
+        ),
+        _fact(
+            "unit_quality",
+            "A lab or body-measure value whose unit is not in the normalisation tables (value not used).",
+            analyte=str, unit=str, value=float,
+        ),
+        _fact(
+            "weight_status",
+            "Whether a weight exists at enrollment from any source (enrollment, observation, dose record).",
+            weight_known=bool, weight_kg=float, weight_source=str,
+        ),
+    )
+}
+
+
+@dataclass
+class Fact:
+    """One derived fact instance. `key` is its identity within the subject; `evidence` stays outside the engine."""
+
+    name: str
+    key: str
+    values: dict[str, Any]
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fact_id(self) -> str:
+        return f"{self.name}:{self.key}"
+
+    def message(self) -> dict[str, Any]:
+        """The engine's view: scalar fields only, None dropped (a missing field simply matches nothing)."""
+        out: dict[str, Any] = {"fact": self.name}
+        for k, v in self.values.items():
+            if v is not None:
+                out[k] = v
+        return out

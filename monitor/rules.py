@@ -1,0 +1,444 @@
+"""Rule files, protocol parameters and reference tables: loading, validation and compilation.
+
+Everything under `rules/` is data. This module reads it with a safe YAML loader, validates it with pydantic,
+reports every problem with its file and line, and compiles the rules into durable_rules ruleset definitions
+(plain dicts) whose conditions compare fields of one derived fact with constants only (ENGINE_NOTES, upstream #381).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from monitor.errors import RuleFileError
+from monitor.facts import FACTS
+
+Severity = Literal["critical", "major", "minor", "info"]
+Category = Literal["eligibility", "dosing", "concomitant", "endpoint", "schedule", "safety", "data_quality"]
+SEVERITIES: tuple[str, ...] = ("critical", "major", "minor", "info")
+OPERATORS = {"eq", "ne", "lt", "lte", "gt", "gte", "in"}
+DEFAULT_RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe loader only: a `!!python/object` tag is refused, never constructed."""
+
+
+def _load_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse YAML and remember the line of every mapping key and sequence item (1-based)."""
+    lines: dict[tuple[Any, ...], int] = {}
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RuleFileError([(str(path), mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
+
+    def walk(n: yaml.Node | None, at: tuple[Any, ...]) -> None:
+        if n is None:
+            return
+        lines.setdefault(at, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = key_node.value
+                lines[at + (key,)] = key_node.start_mark.line + 1
+                walk(value_node, at + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                lines[at + (i,)] = item.start_mark.line + 1
+                walk(item, at + (i,))
+
+    walk(node, ())
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RuleFileError([(str(path), mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
+    return data, lines
+
+
+def _line_for(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _pydantic_problems(path: Path, exc: ValidationError, lines: dict[tuple[Any, ...], int]) -> list[tuple[str, int | None, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        where = ".".join(str(p) for p in loc)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field '{loc[-1]}'"
+        out.append((str(path), _line_for(lines, loc), f"{where}: {msg}" if where else msg))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models of the files
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeverityMap(_Strict):
+    """Severity chosen from a fact field, e.g. CYP strength → major/minor."""
+
+    field: str
+    map: dict[str, Severity]
+    default: Severity
+
+
+class RuleSpec(_Strict):
+    id: str = Field(pattern=r"^[A-Z][A-Z0-9]*(-[A-Z0-9]+)+$")
+    title: str
+    fact: str
+    when: Any
+    severity: Severity | SeverityMap
+    category: Category | None = None
+    at: str = "at"
+    message: str
+    expects: str = ""
+    source: str = ""
+    priority: int = 0
+
+
+class RuleFile(_Strict):
+    category: Category
+    description: str = ""
+    rules: list[RuleSpec]
+
+
+class TemperatureParams(_Strict):
+    febrile_at_or_above_c: float
+    plausible_c: tuple[float, float]
+    site_offsets_c: dict[str, float]
+    codes: list[str]
+
+
+class UnitParams(_Strict):
+    anc_to_10e9_per_l: dict[str, float]
+    creatinine_to_mg_dl: dict[str, float]
+    weight_to_kg: dict[str, float]
+    height_to_cm: dict[str, float]
+    other_lab_units: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class Parameters(_Strict):
+    """Numbers and windows the derived facts are computed with (rules/parameters.yaml)."""
+
+    site_timezones: dict[str, str]
+    temperature: TemperatureParams
+    units: UnitParams
+    lab_analytes: dict[str, list[str]]
+    schwartz_k: float
+    weight_codes: list[str]
+    height_codes: list[str]
+    deadline_grace_hours: float
+    assessment_window_hours: tuple[float, float]
+    escalation_window_hours: tuple[float, float]
+    dosing_day_early_hours: float
+    eligibility_lab_max_age_hours: float
+    eligibility_lab_after_enrollment_hours: float
+    endpoint_window_hours: float
+    endpoint_late_window_hours: float
+    secondary_fever_afebrile_hours: float
+    secondary_fever_lookback_hours: float
+    treatment_days: int
+    ivig_arm_restricted_hours: float
+    live_vaccine_lookback_months: int
+    systemic_routes: list[str]
+    systemic_steroid_atc_prefixes: list[str]
+    biologic_atc_prefixes: list[str]
+    anakinra_atc: list[str]
+    ivig_atc: list[str]
+
+
+class CypEntry(_Strict):
+    drug: str
+    names: list[str] = Field(default_factory=list)
+    atc: list[str] = Field(default_factory=list)
+    role: Literal["inhibitor", "inducer"]
+    enzymes: list[str] = Field(default_factory=list)
+    strength: Literal["strong", "moderate", "weak", "unclassified"]
+    lookback_days: float
+    note: str = ""
+
+
+class CypTable(_Strict):
+    version_date: str
+    source: str
+    excluded_atc_prefixes: list[str] = Field(default_factory=list)
+    interactors: list[CypEntry]
+
+
+class ImmunosuppressantEntry(_Strict):
+    drug: str
+    names: list[str] = Field(default_factory=list)
+    atc: list[str] = Field(default_factory=list)
+    half_life_hours: float = Field(gt=0)
+    minimum_washout_days: float | None = None
+    note: str = ""
+
+
+class ImmunosuppressantTable(_Strict):
+    washout_half_lives: float = Field(gt=0)
+    plasmapheresis_days: float
+    drugs: list[ImmunosuppressantEntry]
+
+
+class LiveVaccineTable(_Strict):
+    atc: list[str]
+    names: list[str] = Field(default_factory=list)
+
+
+class Tables(_Strict):
+    cyp450: CypTable
+    immunosuppressants: ImmunosuppressantTable
+    live_vaccines: LiveVaccineTable
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conditions
+
+
+def _closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, Any]:
+    """Rule-file condition → durable_rules expression on the current message, constants only.
+
+    Grammar: a mapping whose entries must all hold; an entry is {field: {op: constant}} with op in
+    eq ne lt lte gt gte in, {field: constant} meaning eq, or a group {all: [c...]} / {any: [c...]}.
+    """
+    fields = FACTS[fact].fields
+    if not isinstance(cond, dict) or not cond:
+        problems.append(f"a condition must be a non-empty mapping, got {cond!r}")
+        return {}
+    parts = []
+    for name, test in cond.items():
+        if name in ("all", "any"):
+            if not isinstance(test, list) or not test:
+                problems.append(f"'{name}' needs a non-empty list of conditions")
+                continue
+            parts.append({"$and" if name == "all" else "$or": [compile_condition(c, fact, problems) for c in test]})
+            continue
+        if name not in fields:
+            problems.append(f"fact '{fact}' has no field '{name}'{_closest(str(name), list(fields))}")
+            continue
+        tests = test if isinstance(test, dict) else {"eq": test}
+        for op, value in tests.items():
+            if op not in OPERATORS:
+                problems.append(f"unknown operator '{op}' on '{name}'{_closest(str(op), sorted(OPERATORS))}")
+                continue
+            values = value if op == "in" else [value]
+            if op == "in" and (not isinstance(value, list) or not value):
+                problems.append(f"'in' on '{name}' needs a non-empty list")
+                continue
+            kind = fields[name]
+            for v in values:
+                ok = (kind is bool and isinstance(v, bool)) or (
+                    kind is float and isinstance(v, (int, float)) and not isinstance(v, bool)
+                ) or (kind is str and isinstance(v, str))
+                if not ok:
+                    problems.append(f"'{name}' is a {kind.__name__} field; {v!r} can not be compared with it")
+            if op == "eq":
+                parts.append({name: value})
+            elif op == "in":
+                parts.append({"$or": [{name: v} for v in values]})
+            else:
+                parts.append({{"ne": "$neq", "lt": "$lt", "lte": "$lte", "gt": "$gt", "gte": "$gte"}[op]: {name: value}})
+    return parts[0] if len(parts) == 1 else {"$and": parts}
+
+
+def references_other_message(expr: Any) -> bool:
+    """True if a compiled expression refers to anything but constants (the crash of upstream #381)."""
+    if isinstance(expr, dict):
+        for key, value in expr.items():
+            if key in ("$m", "$s", "$add", "$sub", "$mul", "$div", "$l", "$r") or key.startswith("$i"):
+                return True
+            if isinstance(value, dict) and not key.startswith("$"):
+                return True  # {field: {...}} is a reference form, never a constant comparison
+            if references_other_message(value):
+                return True
+        return False
+    if isinstance(expr, list):
+        return any(references_other_message(v) for v in expr)
+    return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loaded set
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One compiled rule: its spec, its file and line, and its durable_rules definition."""
+
+    spec: RuleSpec
+    category: str
+    path: str
+    line: int | None
+    definition: dict[str, Any]
+
+    def severity_for(self, fact: dict[str, Any]) -> str:
+        sev = self.spec.severity
+        if isinstance(sev, str):
+            return sev
+        return sev.map.get(str(fact.get(sev.field)), sev.default)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Everything under one rules directory, validated. `version` is a hash of every file's bytes."""
+
+    directory: Path
+    version: str
+    parameters: Parameters
+    tables: Tables
+    rules: dict[str, Rule]
+    files: tuple[str, ...] = field(default=())
+
+    def engine_definition(self) -> dict[str, Any]:
+        """The durable_rules ruleset body: rule name → definition (identical for every shard)."""
+        return {rule_id: rule.definition for rule_id, rule in sorted(self.rules.items())}
+
+    def facts_read(self) -> set[str]:
+        return {r.spec.fact for r in self.rules.values()}
+
+
+def _validate(model: type[BaseModel], data: Any, path: Path, lines: dict[tuple[Any, ...], int], problems: list) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(path, exc, lines))
+        return None
+
+
+def load_rules(directory: str | Path | None = None) -> RuleSet:
+    """Load and validate a rules directory. Raises RuleFileError listing every problem with file and line."""
+    root = Path(directory) if directory is not None else DEFAULT_RULES_DIR
+    if not root.is_dir():
+        raise RuleFileError([(str(root), None, "rules directory not found")])
+    problems: list[tuple[str, int | None, str]] = []
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*.yaml") if p.is_file())
+    texts: dict[Path, str] = {}
+    for p in files:
+        raw = p.read_bytes()
+        digest.update(str(p.relative_to(root)).encode() + b"\0" + raw + b"\0")
+        try:
+            texts[p] = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append((str(p), None, f"not UTF-8 text: {exc}"))
+
+    def load(rel: str, model: type[BaseModel]) -> Any:
+        p = root / rel
+        if p not in texts:
+            problems.append((str(p), None, f"required file {rel} is missing"))
+            return None
+        try:
+            data, lines = _load_yaml(p, texts[p])
+        except RuleFileError as exc:
+            problems.extend(exc.problems)
+            return None
+        return _validate(model, data, p, lines, problems)
+
+    parameters = load("parameters.yaml", Parameters)
+    cyp = load("tables/cyp450.yaml", CypTable)
+    immuno = load("tables/immunosuppressants.yaml", ImmunosuppressantTable)
+    live = load("tables/live_vaccines.yaml", LiveVaccineTable)
+
+    rules: dict[str, Rule] = {}
+    rule_files = [p for p in files if p.parent == root and p.name != "parameters.yaml"]
+    if not rule_files:
+        problems.append((str(root), None, "no rule files (*.yaml) found"))
+    for p in rule_files:
+        if p not in texts:
+            continue
+        try:
+            data, lines = _load_yaml(p, texts[p])
+        except RuleFileError as exc:
+            problems.extend(exc.problems)
+            continue
+        rf = _validate(RuleFile, data, p, lines, problems)
+        if rf is None:
+            continue
+        for i, spec in enumerate(rf.rules):
+            line = lines.get(("rules", i))
+            local: list[str] = []
+            if spec.id in rules:
+                other = rules[spec.id]
+                local.append(f"duplicate rule id {spec.id} (first defined at {other.path}:{other.line})")
+            if spec.fact not in FACTS:
+                local.append(f"unknown derived fact '{spec.fact}'{_closest(spec.fact, sorted(FACTS))}")
+            else:
+                fields = FACTS[spec.fact].fields
+                if spec.at not in fields or fields[spec.at] is not str:
+                    local.append(f"'at: {spec.at}' is not a time field of fact '{spec.fact}'{_closest(spec.at, list(fields))}")
+                if isinstance(spec.severity, SeverityMap) and spec.severity.field not in fields:
+                    local.append(f"severity field '{spec.severity.field}' is not a field of '{spec.fact}'")
+                cond_problems: list[str] = []
+                expr = compile_condition(spec.when, spec.fact, cond_problems)
+                local.extend(f"when: {m}" for m in cond_problems)
+                try:
+                    spec.message.format_map(_FormatProbe(fields))
+                except (KeyError, ValueError, IndexError, AttributeError) as exc:
+                    local.append(f"message: cannot be filled from fact '{spec.fact}' ({exc})")
+            if local:
+                problems.extend((str(p), lines.get(("rules", i, "when")) if "when:" in m else line, m) for m in local)
+                continue
+            definition = {
+                "all": [{"m": {"$and": [{"fact": spec.fact}, expr]}}],
+                "pri": spec.priority,
+                "run": spec.id,
+            }
+            rules[spec.id] = Rule(spec, spec.category or rf.category, str(p), line, definition)
+    if problems:
+        raise RuleFileError(problems)
+    return RuleSet(
+        directory=root,
+        version=digest.hexdigest()[:12],
+        parameters=parameters,
+        tables=Tables(cyp450=cyp, immunosuppressants=immuno, live_vaccines=live),
+        rules=rules,
+        files=tuple(str(p.relative_to(root)) for p in files),
+    )
+
+
+class _FormatProbe(dict):
+    """Checks a message template against a fact's fields without real values."""
+
+    def __init__(self, fields: dict[str, type]) -> None:
+        super().__init__()
+        self._fields = fields
+
+    def __missing__(self, key: str) -> Any:
+        if key not in self._fields:
+            raise KeyError(f"unknown field {key!r}{_closest(key, list(self._fields))}")
+        return {float: 1.0, str: "x", bool: True}[self._fields[key]]
+
+
+class SafeFormat(dict):
+    """Fills a message template from a fact; a missing value prints as '?' instead of failing."""
+
+    def __missing__(self, key: str) -> Any:
+        return _Unknown()
+
+
+class _Unknown:
+    def __format__(self, spec: str) -> str:
+        return "?"

@@ -1,0 +1,59 @@
+"""Per-subject event history with the duplicate and amendment policy of RULES_SPEC §2.6."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.events import Event
+
+
+class Applied(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same event_id, identical payload: a transport retry, dropped silently
+    AMENDED = "amended"  # same event_id, different payload, later recorded_at: replaces the old version
+    SUPERSEDED = "superseded"  # same event_id, different payload, but older than the version held: ignored
+
+
+@dataclass
+class Stored:
+    event: Event
+    canonical: str
+    seq: int
+
+
+@dataclass
+class SubjectState:
+    """Everything the monitor holds about one subject: its current event versions, keyed by event_id."""
+
+    subject_id: str
+    site_id: str
+    events: dict[str, Stored] = field(default_factory=dict)
+    arm: str | None = None
+    _seq: int = 0
+
+    def apply(self, event: Event, canonical: str) -> Applied:
+        held = self.events.get(event.event_id)
+        self._seq += 1
+        if held is not None:
+            if held.canonical == canonical:
+                return Applied.DUPLICATE
+            if event.recorded_at < held.event.recorded_at:
+                return Applied.SUPERSEDED
+        self.events[event.event_id] = Stored(event, canonical, self._seq)
+        self.site_id = event.site_id
+        if event.type == "enrollment" and event.arm:
+            self.arm = event.arm
+        elif self.arm is None and event.arm:
+            self.arm = event.arm
+        return Applied.AMENDED if held is not None else Applied.NEW
+
+    def by_type(self) -> dict[str, list[Event]]:
+        """Current versions grouped by type, each list in event-time order (ties: event_id, for determinism)."""
+        groups: dict[str, list[Any]] = {}
+        for stored in self.events.values():
+            groups.setdefault(stored.event.type, []).append(stored.event)
+        for items in groups.values():
+            items.sort(key=lambda e: (e.occurred_at, e.event_id))
+        return groups
