@@ -50,6 +50,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(rules_dir=args.rules)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from monitor.generate import write_cohort
+
+    return write_cohort(subjects=args.subjects, days=args.days, seed=args.seed, sites=args.sites,
+                        deviation_rate=args.deviation_rate, output=args.output)
+
+
 def _cmd_rules_check(args: argparse.Namespace) -> int:
     from monitor.rules import load_rules
 
@@ -73,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="replay the bundled demo cohort and print its alerts (no external services)")
     p.add_argument("--rules", default=None, metavar="DIR")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="write a synthetic cohort as JSON Lines (for demos and load tests)")
+    p.add_argument("--subjects", type=int, default=100)
+    p.add_argument("--days", type=int, default=60)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sites", type=int, default=5)
+    p.add_argument("--deviation-rate", type=float, default=0.2, help="share of subjects with a planted deviation")
+    p.add_argument("-o", "--output", default="-", help="output file (default: standard output)")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("rules", help="rule files: check")
     rsub = p.add_subparsers(dest="rules_command", required=True)
