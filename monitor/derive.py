@@ -82,14 +82,22 @@ class SubjectView:
         return (e.atc or "") in self.p.ivig_atc or "ivig" in name or "immunoglobulin" in name
 
     @cached_property
-    def t0(self) -> dt.datetime | None:
+    def t0_event(self) -> DrugAdministration | None:
         """First study-drug administration (§2.1): anakinra (study_drug) or the start of the IVIG retreatment."""
         for e in self.ev.get("drug_administration", []):
             if self.arm == "anakinra" and self.is_anakinra(e) and e.study_drug:
-                return e.occurred_at
+                return e
             if self.arm == "ivig" and self.is_ivig(e) and (e.purpose or "") == "study_treatment_retreatment":
-                return e.occurred_at
+                return e
         return None
+
+    @cached_property
+    def t0(self) -> dt.datetime | None:
+        return self.t0_event.occurred_at if self.t0_event is not None else None
+
+    @property
+    def t0_id(self) -> str:
+        return self.t0_event.event_id if self.t0_event is not None else ""
 
     @cached_property
     def reference_time(self) -> dt.datetime | None:
@@ -507,7 +515,7 @@ class Deriver:
                         "assessed_at": _iso(r.at), "given_mg_per_kg": amount, "doses_in_window": float(len(given)),
                         "weight_known": weight_known, "level_day1": v.day_levels.get(1),
                         "window_start": _iso(hx + lo * H), "window_end": _iso(hx + hi * H)},
-                       {"events": [r.event_id, *[d.event_id for d in given]], "hx": _iso(hx),
+                       {"events": [v.t0_id, r.event_id, *[d.event_id for d in given]], "hx": _iso(hx),
                         "raw_c": r.raw_c, "site": r.site})
 
     # ---- fever and endpoints --------------------------------------------------------------------------------
@@ -524,7 +532,8 @@ class Deriver:
                 yield Fact("fever_assessment", step,
                            {"at": _iso(hx + hi * H), "window": step, "readings": float(n),
                             "window_start": _iso(hx + lo * H), "window_end": _iso(hx + hi * H)},
-                           {"events": [], "hx": _iso(hx)})
+                           {"events": [v.t0_id, *[r.event_id for r in v.readings_in(hx - 6 * H, hx + 6 * H)]],
+                            "hx": _iso(hx), "t0": _iso(v.t0)})
         end = v.hx(self.p.endpoint_window_hours)
         if deadline(end):
             start = v.hx(self.p.endpoint_window_hours - self.p.endpoint_late_window_hours)
@@ -534,7 +543,7 @@ class Deriver:
                        {"at": _iso(end), "window": "ENDPOINT", "readings": float(len(late)),
                         "afebrile_readings_before": float(len(afebrile)), "window_start": _iso(start),
                         "window_end": _iso(end)},
-                       {"events": [r.event_id for r in late]})
+                       {"events": [v.t0_id, *[r.event_id for r in late]], "t0": _iso(v.t0)})
 
     def _last_escalation(self, v: SubjectView) -> Dose | None:
         """A′ (A-6): the H12 supplement or the escalated H24 dose, the later of those given."""
@@ -554,7 +563,7 @@ class Deriver:
     def _endpoints(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.t0 is None:
             return
-        anchors = [("T0", v.t0, [])]
+        anchors = [("T0", v.t0, [v.t0_id])]
         if v.arm == "anakinra":
             esc = self._last_escalation(v)
             if esc is not None:

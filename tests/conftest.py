@@ -1,0 +1,64 @@
+"""Shared test helpers: run the real monitor in-process over JSON Lines events."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.file import JsonLinesSource
+from monitor.clock import ReplayClock
+from monitor.evaluator import Monitor
+from monitor.replay import replay
+from monitor.rules import RuleSet, load_rules
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SCENARIOS = sorted((SHARED / "scenarios").glob("*.jsonl"))
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def add(self, *item: Any) -> None:
+        self.items.append(item[0] if len(item) == 1 else item)
+
+    def flush(self) -> None:
+        pass
+
+
+def run_events(events: list[dict] | Path, *, until: str | None = None, rules: RuleSet | None = None,
+               tmp_path: Path | None = None) -> tuple[list, list, Monitor]:
+    """Replay events (dicts, or a JSON Lines path) through a fresh monitor; returns (alerts, rejects, monitor)."""
+    if isinstance(events, Path):
+        path = events
+    else:
+        assert tmp_path is not None
+        path = tmp_path / "events.jsonl"
+        path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    rules = rules or load_rules()
+    clock = ReplayClock()
+    monitor = Monitor.create(rules=rules, clock=clock)
+    alerts, rejects = ListSink(), ListSink()
+    horizon = dt.datetime.fromisoformat(until) if until else None
+    replay(source=JsonLinesSource(paths=[path]), monitor=monitor, clock=clock, alerts=alerts, rejects=rejects,
+           until=horizon)
+    return alerts.items, rejects.items, monitor
+
+
+def final_alerts(alerts: list) -> list:
+    withdrawn = {a.alert_id for a in alerts if a.status == "retracted"}
+    return [a for a in alerts if a.status == "raised" and a.alert_id not in withdrawn]
+
+
+def load_scenario(path: Path) -> tuple[dict, list[dict]]:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+
+
+@pytest.fixture(scope="session")
+def rules() -> RuleSet:
+    return load_rules()
