@@ -97,10 +97,10 @@ def make_alert(*, rule: Rule, fact: Fact, subject_id: str, site_id: str, alert_i
         site_id=site_id,
         severity=rule.severity_for(values),
         category=rule.category,
-        at=str(values.get(rule.spec.at)),
+        at=str(values.get(rule.at_field(fact.name))),
         detected_at=detected_at,
         rule_version=version,
-        message=rule.spec.message.format_map(SafeFormat({k: v for k, v in values.items() if v is not None})),
+        message=rule.message_for(fact.name).format_map(SafeFormat({k: v for k, v in values.items() if v is not None})),
         expects=rule.spec.expects,
         evidence=evidence,
     )

@@ -235,9 +235,10 @@ class Deriver:
             pending.append(at)
             return False
 
-        for fn in (self._weight, self._temperature_quality, self._unit_quality, self._baseline_labs,
-                   self._medications, self._vaccines, self._anakinra_doses, self._ladder, self._assessments,
-                   self._endpoints, self._fever_recurrence):
+        for fn in (self._weight, self._temperature_quality, self._unit_quality, self._enrollment,
+                   self._baseline_labs, self._ivig, self._medications, self._vaccines, self._anakinra_doses,
+                   self._ladder, self._treatment_days, self._assessments, self._endpoints, self._fever_recurrence,
+                   self._visits, self._echoes, self._adverse_events, self._lab_signals):
             facts.extend(fn(v, deadline))
         return Derived(facts, min(pending) if pending else None)
 
@@ -274,12 +275,10 @@ class Deriver:
             analyte = v.analyte_of(e)
             if analyte is None:
                 continue
-            if analyte in tables:
-                ok = nm.convert(e.value, e.unit, tables[analyte]) is not None
-            elif analyte in u.other_lab_units:
-                ok = nm.unit_key(e.unit) in {nm.unit_key(x) for x in u.other_lab_units[analyte]}
-            else:
+            factors = tables.get(analyte) or u.lab_conversions.get(analyte)
+            if factors is None:
                 continue
+            ok = nm.convert(e.value, e.unit, factors) is not None
             if not ok:
                 yield Fact("unit_quality", e.event_id,
                            {"at": _iso(e.occurred_at), "analyte": analyte, "unit": e.unit or "(none)", "value": e.value},
@@ -311,8 +310,8 @@ class Deriver:
                 value = nm.convert(e.value, e.unit, u.anc_to_10e9_per_l)
             elif analyte == "creatinine":
                 value = nm.convert(e.value, e.unit, u.creatinine_to_mg_dl)
-            elif analyte == "INR":
-                value = e.value
+            elif analyte in ("INR", "PT"):
+                value = nm.convert(e.value, e.unit, u.lab_conversions.get(analyte, {}))
             else:
                 continue
             if value is not None:
@@ -334,7 +333,7 @@ class Deriver:
                            {**base, "analyte": "eGFR", "value": _r(egfr, 2), "unit": "mL/min/1.73m2",
                             "egfr_method_validated": age_months >= 12}, evidence)
             else:
-                unit = "10^9/L" if analyte == "ANC" else "{INR}"
+                unit = {"ANC": "10^9/L", "INR": "{INR}", "PT": "%"}[analyte]
                 yield Fact("baseline_lab", analyte, {**base, "analyte": analyte, "value": _r(value, 4), "unit": unit},
                            evidence)
 
@@ -381,7 +380,7 @@ class Deriver:
         routes = {r.lower() for r in self.p.systemic_routes}
         items: list[tuple[Any, dt.datetime, dt.datetime | None, str]] = []
         for e in v.ev.get("drug_administration", []):
-            if e.study_drug or self.is_study_drug(v, e):
+            if self.is_study_drug(v, e):
                 continue
             items.append((e, e.occurred_at, e.infusion_end_at or e.occurred_at, "drug_administration"))
         for e in v.ev.get("concomitant_medication", []):
@@ -397,6 +396,7 @@ class Deriver:
                 "systemic_steroid": bool(cls["steroid"]) and systemic, "biologic": bool(cls["biologic"]),
                 "cyp_listed": cls["cyp"] is not None, "immunosuppressant": cls["immuno"] is not None,
             }
+            values.update(self._conmed_fields(v, e, start, last, restricted_end, source))
             evidence: dict[str, Any] = {"events": [e.event_id]}
             if cls["cyp"] is not None:
                 entry = cls["cyp"]
@@ -406,8 +406,9 @@ class Deriver:
                 if ref_enr is not None and before_t0:
                     ongoing = last is None or last >= ref_enr
                     values["cyp_recent"] = ongoing or (ref_enr - last) <= dt.timedelta(days=entry.lookback_days)
+            values["enrollment_at"] = _iso(ref_enr)
             if before_t0:
-                values["at"] = _iso(ref_enr) if ref_enr is not None else None
+                values["at"] = _iso(start)
                 if onset is not None:
                     values["in_kd_episode"] = nm.local_date(start, v.zone) >= onset or (
                         last is not None and nm.local_date(last, v.zone) >= onset)
@@ -422,8 +423,6 @@ class Deriver:
             else:
                 values["at"] = _iso(start)
                 values["in_restricted_period"] = restricted_end is not None and start <= restricted_end
-            if values.get("at") is None:
-                continue
             yield Fact("medication_exposure", e.event_id, values, evidence)
 
     def is_study_drug(self, v: SubjectView, e: DrugAdministration) -> bool:
@@ -440,22 +439,361 @@ class Deriver:
 
     def _vaccines(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         enr = v.enrollment
-        if enr is None:
-            return
         live_table = self.t.live_vaccines
-        enr_date = nm.local_date(enr.occurred_at, v.zone)
-        limit = nm.add_months(enr_date, -self.p.live_vaccine_lookback_months)
+        enr_date = nm.local_date(enr.occurred_at, v.zone) if enr is not None else None
+        limit = nm.add_months(enr_date, -self.p.live_vaccine_lookback_months) if enr_date is not None else None
+        treatment_end = self._restricted_end(v) if v.arm == "anakinra" else None
         for e in v.ev.get("immunization", []):
-            if v.t0 is not None and e.occurred_at >= v.t0:
-                continue
             code = (e.atc or "").upper()
             live = bool(e.live_attenuated) or code in {c.upper() for c in live_table.atc} or any(
                 n.lower() in e.vaccine.lower() for n in live_table.names)
             vdate = nm.local_date(e.occurred_at, v.zone)
-            yield Fact("baseline_vaccine", e.event_id,
-                       {"at": _iso(enr.occurred_at), "vaccine": e.vaccine, "atc": e.atc or "", "live": live,
-                        "within_lookback": limit < vdate <= enr_date, "vaccine_date": vdate.isoformat()},
-                       {"events": [e.event_id, enr.event_id], "lookback_starts_after": limit.isoformat()})
+            before = v.t0 is None or e.occurred_at < v.t0
+            yield Fact("vaccination", e.event_id,
+                       {"at": _iso(e.occurred_at), "vaccine": e.vaccine, "atc": e.atc or "", "live": live,
+                        "phase": "before_t0" if before else "on_treatment", "arm": v.arm or "",
+                        "within_lookback": bool(before and limit is not None and limit < vdate <= enr_date),
+                        "in_treatment_period": bool(not before and treatment_end is not None
+                                                    and e.occurred_at <= treatment_end),
+                        "vaccine_date": vdate.isoformat(), "enrollment_at": _iso(enr.occurred_at) if enr else None},
+                       {"events": [e.event_id] + ([enr.event_id] if enr else []),
+                        "lookback_starts_after": limit.isoformat() if limit else None})
+
+    # ---- medication helpers -----------------------------------------------------------------------------------
+    def _matches(self, drug: str, atc: str | None, prefixes: list[str], names: list[str]) -> bool:
+        code, name = (atc or "").upper(), drug.lower()
+        return (bool(code) and any(code.startswith(p.upper()) for p in prefixes)) or any(n.lower() in name for n in names)
+
+    def _verdict_time(self, v: SubjectView) -> dt.datetime | None:
+        """A-21: the primary verdict falls at the first afebrile reading after T0, else at T0 + 48 h."""
+        if v.t0 is None:
+            return None
+        end = v.hx(self.p.endpoint_window_hours)
+        for r in v.readings_in(v.t0, end, open_start=True):
+            if not v.febrile(r):
+                return r.at
+        return end
+
+    def _conmed_fields(self, v: SubjectView, e: Any, start: dt.datetime, last: dt.datetime | None,
+                       restricted_end: dt.datetime | None, source: str) -> dict[str, Any]:
+        p = self.p
+        out: dict[str, Any] = {"arm": v.arm or "", "regimen": (getattr(e, "regimen", None) or "").lower()}
+        out["antipyretic"] = self._matches(e.drug, e.atc, p.antipyretic_atc_prefixes, p.antipyretic_names) and not (
+            self._matches(e.drug, e.atc, p.aspirin_atc, p.aspirin_names))
+        out["aspirin"] = self._matches(e.drug, e.atc, p.aspirin_atc, p.aspirin_names)
+        mgkgday = getattr(e, "dose_mg_per_kg_per_day", None)
+        per_day = p.doses_per_day.get((getattr(e, "frequency", None) or "").lower())
+        if mgkgday is None and per_day is not None:
+            if e.dose_mg_per_kg is not None:
+                mgkgday = e.dose_mg_per_kg * per_day
+            elif e.dose_mg is not None:
+                weight, _ = v.weight_at(start, getattr(e, "weight_kg", None))
+                mgkgday = e.dose_mg * per_day / weight if weight else None
+        out["mg_per_kg_per_day"] = _r(mgkgday, 3)
+        if v.t0 is not None:
+            out["on_treatment_at"] = _iso(max(start, v.t0))
+            ends = last if last is not None else None
+            out["active_in_restricted"] = bool(restricted_end is not None and start <= restricted_end
+                                               and (ends is None or ends >= v.t0))
+        if source == "drug_administration" and v.t0 is not None and start >= v.t0:
+            rescue = self._matches(e.drug, e.atc, p.rescue_atc_prefixes, []) or (
+                v.arm == "anakinra" and v.is_ivig(e))
+            verdict = self._verdict_time(v)
+            purpose = (e.purpose or "").lower()
+            out.update(rescue=rescue, before_verdict=verdict is not None and start < verdict,
+                       for_sae=any(w in purpose for w in p.rescue_for_sae_words),
+                       other_arm_study_drug=v.arm == "ivig" and v.is_anakinra(e))
+        return out
+
+    # ---- enrollment -------------------------------------------------------------------------------------------
+    def _enrollment(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
+        enr = v.enrollment
+        if enr is None:
+            return
+        at = _iso(enr.occurred_at)
+        enr_date = nm.local_date(enr.occurred_at, v.zone)
+        weight, wsource = v.weight_at(v.t0 or enr.occurred_at)
+        if enr.weight_kg:
+            weight, wsource = enr.weight_kg, "enrollment"
+        kd = self._kd(v)
+        consent_ok = enr.consent_signed_at is not None and enr.consent_signed_at <= enr.occurred_at
+        yield Fact("enrollment_profile", "enrollment",
+                   {"at": at, "age_months": float(nm.completed_months(enr.birth_date, enr_date)),
+                    "weight_known": weight is not None, "weight_kg": weight, "consent_ok": consent_ok,
+                    "consent_at": _iso(enr.consent_signed_at), **kd,
+                    "gestational_age_weeks": enr.gestational_age_at_birth_weeks},
+                   {"events": [enr.event_id], "birth_date": enr.birth_date.isoformat(),
+                    "enrollment_date": enr_date.isoformat(), "weight_source": wsource})
+        for item, answer in sorted(enr.exclusion_checklist.items()):
+            yield Fact("exclusion_answer", item,
+                       {"at": at, "item": item, "answer": "unanswered" if answer is None else ("yes" if answer else "no")},
+                       {"events": [enr.event_id]})
+
+    def _kd(self, v: SubjectView) -> dict[str, Any]:
+        enr = v.enrollment
+        kd, c = (enr.kd_diagnosis if enr else None), self.p.kd_criteria
+        if kd is None:
+            return {}
+        signs = len(set(kd.principal_signs))
+        fever_days = kd.fever_days_at_first_ivig
+        if fever_days is None and kd.fever_onset_date is not None:
+            first = self._first_course(v)
+            if first:
+                fever_days = (nm.local_date(first[0].occurred_at, v.zone) - kd.fever_onset_date).days + 1
+        if fever_days is None:
+            return {"kd_signs": float(signs)}
+        by_day = kd.signs_present_by_fever_day
+        complete = signs >= c.complete_min_signs and (
+            fever_days >= c.complete_min_fever_days
+            or (fever_days >= c.early_min_fever_days and by_day is not None and by_day <= c.early_signs_by_fever_day))
+        labs = (kd.crp_mg_dl is not None and kd.crp_mg_dl >= c.crp_mg_dl_at_least) or (
+            kd.esr_mm_h is not None and kd.esr_mm_h >= c.esr_mm_h_at_least)
+        support = len(set(kd.supplemental_lab_criteria)) >= c.supplemental_at_least or bool(kd.echo_positive)
+        age_months = nm.completed_months(enr.birth_date, nm.local_date(enr.occurred_at, v.zone))  # type: ignore[union-attr]
+        incomplete = labs and support and (
+            (signs in c.incomplete_signs and fever_days >= c.incomplete_min_fever_days)
+            or (age_months < c.infant_max_months and fever_days >= c.infant_min_fever_days))
+        return {"kd_complete": complete, "kd_incomplete": incomplete, "kd_signs": float(signs),
+                "fever_days": float(fever_days)}
+
+    def _first_course(self, v: SubjectView) -> list[DrugAdministration]:
+        purposes = set(self.p.ivig_failure.first_course_purposes)
+        return [e for e in v.ev.get("drug_administration", []) if v.is_ivig(e) and (e.purpose or "") in purposes]
+
+    def _g_per_kg(self, v: SubjectView, items: list[DrugAdministration]) -> float | None:
+        total = 0.0
+        for e in items:
+            if e.dose_g_per_kg is not None:
+                total += e.dose_g_per_kg
+            elif e.dose_g is not None or e.dose_mg is not None:
+                weight, _ = v.weight_at(e.occurred_at, e.weight_kg)
+                grams = e.dose_g if e.dose_g is not None else e.dose_mg / 1000.0  # type: ignore[operator]
+                if not weight:
+                    return None
+                total += grams / weight
+            else:
+                return None
+        return _r(total, 4)
+
+    def _ivig(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
+        first = self._first_course(v)
+        enr = v.enrollment
+        if first:
+            gkg = self._g_per_kg(v, first)
+            yield Fact("ivig_course", "first", {"at": _iso(first[0].occurred_at), "course": "first", "g_per_kg": gkg,
+                                                "arm": v.arm or ""}, {"events": [e.event_id for e in first]})
+            e1 = max((e.infusion_end_at or e.occurred_at) for e in first)
+            if enr is not None and v.t0 is not None:
+                f = self.p.ivig_failure
+                start = e1 + (f.fever_from_hours_after_e1 - f.tolerance_hours) * H
+                febrile = [r for r in v.readings_in(start, v.t0) if v.febrile(r)]
+                yield Fact("ivig_failure", "first",
+                           {"at": _iso(enr.occurred_at), "first_course_g_per_kg": gkg, "febrile_after_e1": bool(febrile),
+                            "hours_e1_to_t0": _r(nm.hours_between(e1, v.t0), 3), "e1_at": _iso(e1)},
+                           {"events": [*(e.event_id for e in first), *(r.event_id for r in febrile[:3]), v.t0_id],
+                            "fever_window": [_iso(start), _iso(v.t0)]})
+        if v.arm == "ivig" and v.t0_event is not None:
+            course = [e for e in v.ev.get("drug_administration", [])
+                      if v.is_ivig(e) and (e.purpose or "") == "study_treatment_retreatment"]
+            yield Fact("ivig_course", "retreatment",
+                       {"at": _iso(v.t0), "course": "retreatment", "g_per_kg": self._g_per_kg(v, course),
+                        "arm": v.arm}, {"events": [e.event_id for e in course]})
+
+    # ---- treatment course -------------------------------------------------------------------------------------
+    def _discontinued_before(self, v: SubjectView, at: dt.datetime) -> bool:
+        """Documented discontinuation: a serious AE, or rescue therapy after T0, before `at`."""
+        if any(e.serious and e.occurred_at <= at for e in v.ev.get("adverse_event", [])):
+            return True
+        for e in v.ev.get("drug_administration", []):
+            if v.t0 is not None and v.t0 <= e.occurred_at <= at and (
+                    self._matches(e.drug, e.atc, self.p.rescue_atc_prefixes, []) or v.is_ivig(e)):
+                return True
+        return False
+
+    def _treatment_days(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
+        if v.arm != "anakinra" or v.t0 is None:
+            return
+        days: dict[int, list[Dose]] = {}
+        for d in v.anakinra_doses:
+            days.setdefault(v.dosing_day(d.at), []).append(d)
+        for day in range(1, self.p.treatment_days + 1):
+            end = v.hx(24 * (day - 1) + 24 - self.p.dosing_day_early_hours)
+            if not deadline(end):
+                continue
+            given = days.get(day, [])
+            yield Fact("treatment_day", str(day),
+                       {"at": _iso(end), "day": float(day), "doses": float(len(given)),
+                        "discontinued": self._discontinued_before(v, end)},
+                       {"events": [v.t0_id, *[d.event_id for d in given]],
+                        "window": [_iso(v.hx(24 * (day - 1) - self.p.dosing_day_early_hours)), _iso(end)]})
+        extra = [d for d in v.anakinra_doses if v.dosing_day(d.at) > self.p.treatment_days]
+        last_day = float(max(days)) if days else 0.0
+        if extra:
+            yield Fact("treatment_duration", "extra_day",
+                       {"at": _iso(extra[0].at), "kind": "extra_day", "last_dose_day": last_day, "discontinued": False},
+                       {"events": [extra[0].event_id]})
+        end14 = self._restricted_end(v)
+        if end14 is not None and deadline(end14):
+            yield Fact("treatment_duration", "course_end",
+                       {"at": _iso(end14), "kind": "course_end",
+                        "last_dose_day": float(max((dd for dd in days if dd <= self.p.treatment_days), default=0)),
+                        "discontinued": self._discontinued_before(v, end14)},
+                       {"events": [v.t0_id]})
+
+    # ---- schedule ---------------------------------------------------------------------------------------------
+    def _study_day_end(self, v: SubjectView, day: int) -> dt.datetime:
+        """00:00 site-local on the day after study day `day` (A-17 window close)."""
+        assert v.t0 is not None
+        first = nm.local_date(v.t0, v.zone)
+        closing = first + dt.timedelta(days=day)
+        return dt.datetime.combine(closing, dt.time(0, 0), tzinfo=v.zone)
+
+    def _visits(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
+        if v.t0 is None:
+            return
+        visits = v.ev.get("visit", [])
+        day_of = {e.event_id: nm.study_day(v.t0, e.occurred_at, v.zone) for e in visits}
+        done: dict[str, list[Any]] = {}
+        for name, w in self.p.visit_windows.items():
+            done[name] = [e for e in visits if e.visit.upper() == name.upper() and w.days[0] <= day_of[e.event_id] <= w.days[1]]
+            close = self._study_day_end(v, w.days[1])
+            if not deadline(close):
+                continue
+            first_day = nm.local_date(v.t0, v.zone) + dt.timedelta(days=w.days[0] - 1)
+            last_day = nm.local_date(v.t0, v.zone) + dt.timedelta(days=w.days[1] - 1)
+            yield Fact("visit_window", name,
+                       {"at": close.isoformat(), "visit": name, "done": bool(done[name]),
+                        "missing_assessments": ", ".join(w.assessments),
+                        "window_first_day": first_day.isoformat(), "window_last_day": last_day.isoformat()},
+                       {"events": [v.t0_id, *[e.event_id for e in done[name]]]})
+        crp = [e for e in v.ev.get("lab_result", []) if v.analyte_of(e) == "CRP"]
+        echoes = v.ev.get("echocardiogram", [])
+        for name, w in self.p.assessment_windows.items():
+            close = self._study_day_end(v, w.days[1])
+            if not deadline(close):
+                continue
+            items = crp if w.assessment == "CRP" else echoes
+            inside = [e for e in items if w.days[0] <= nm.study_day(v.t0, e.occurred_at, v.zone) <= w.days[1]]
+            visit_done = any(done.get(n) for n in w.visits)
+            yield Fact("assessment_window", name,
+                       {"at": close.isoformat(), "window": name, "assessment": w.assessment, "visit_done": visit_done,
+                        "count": float(len(inside))},
+                       {"events": [v.t0_id, *[e.event_id for n in w.visits for e in done.get(n, [])]]})
+
+    def _echoes(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
+        bounds = self.p.coronary_z_category_bounds
+        worst_prior = None
+        for e in v.ev.get("echocardiogram", []):
+            zs = [z for z in e.coronary_z_scores.values() if z is not None]
+            worst = max([*zs, *([e.worst_z] if e.worst_z is not None else [])], default=None)
+            if worst is None:
+                continue
+            category = sum(1 for b in bounds if worst >= b - nm.TOLERANCE)
+            post = v.t0 is not None and e.occurred_at >= v.t0
+            day = nm.study_day(v.t0, e.occurred_at, v.zone) if v.t0 is not None else None
+            lo, hi = self.p.d45_echo_days
+            yield Fact("echo", e.event_id,
+                       {"at": _iso(e.occurred_at), "worst_z": worst, "category": float(category),
+                        "category_increase": float(category - worst_prior) if worst_prior is not None else None,
+                        "study_day": float(day) if day is not None else None,
+                        "in_d45_window": day is not None and lo <= day <= hi, "post_t0": post, "visit": e.visit or ""},
+                       {"events": [e.event_id], "z_scores": dict(e.coronary_z_scores),
+                        "worst_prior_category": worst_prior})
+            worst_prior = category if worst_prior is None else max(worst_prior, category)
+
+    # ---- safety -----------------------------------------------------------------------------------------------
+    def _adverse_events(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
+        hours = self.p.safety.sae_report_hours
+        for e in v.ev.get("adverse_event", []):
+            aware = e.investigator_aware_at
+            delay = nm.hours_between(aware, e.recorded_at) if aware is not None else None
+            yield Fact("adverse_event", e.event_id,
+                       {"at": _iso(e.occurred_at), "term": e.term.lower(), "meddra_pt": (e.meddra_pt or "").lower(),
+                        "serious": e.serious, "seriousness": "serious" if e.serious else "non-serious",
+                        "infection_type": (e.infection_type or "").lower(), "report_delay_hours": _r(delay, 2),
+                        "report_due_at": _iso(aware + hours * H) if aware is not None else None,
+                        "on_treatment": v.t0 is not None and e.occurred_at >= v.t0},
+                       {"events": [e.event_id], "recorded_at": _iso(e.recorded_at),
+                        "investigator_aware_at": _iso(aware), "serious_criteria": list(e.serious_criteria)})
+
+    def _lab_values(self, v: SubjectView, analyte: str) -> list[tuple[LabResult, float]]:
+        u = self.p.units
+        factors = u.anc_to_10e9_per_l if analyte == "ANC" else u.lab_conversions.get(analyte, {})
+        out = []
+        for e in v.ev.get("lab_result", []):
+            if v.analyte_of(e) == analyte:
+                value = nm.convert(e.value, e.unit, factors)
+                if value is not None:
+                    out.append((e, value))
+        return out
+
+    def _lab_signals(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
+        if v.t0 is None:
+            return
+        sp = self.p.safety
+        # severe neutropenia on treatment: once per episode (ends on a later ANC >= threshold)
+        in_episode = False
+        for e, value in self._lab_values(v, "ANC"):
+            if e.occurred_at < v.t0:
+                continue
+            low = value < sp.neutropenia_below - nm.TOLERANCE
+            if low and not in_episode:
+                grade = "critical" if value < sp.neutropenia_critical_below - nm.TOLERANCE else "major"
+                yield Fact("lab_signal", f"neutropenia:{e.event_id}",
+                           {"at": _iso(e.occurred_at), "signal": "neutropenia", "analyte": "ANC", "value": _r(value, 4),
+                            "grade": grade}, {"events": [e.event_id], "raw_value": e.value, "raw_unit": e.unit})
+            in_episode = low
+        # hepatitis lab signal: ALT or AST >= 3 x ULN and >= 2 x pre-T0 baseline, once per episode
+        for analyte in ("ALT", "AST"):
+            values = self._lab_values(v, analyte)
+            baseline = [val for e, val in values if e.occurred_at <= v.t0]
+            base = baseline[-1] if baseline else None
+            in_episode = False
+            for e, value in values:
+                if e.occurred_at <= v.t0:
+                    continue
+                uln = (e.reference_range or {}).get("high") or sp.default_uln_u_per_l.get(analyte)
+                ratio_uln = value / float(uln) if uln else None
+                ratio_base = value / base if base else None
+                hit = (ratio_uln is not None and ratio_uln >= sp.hepatitis_uln_multiple - nm.TOLERANCE) and (
+                    ratio_base is None or ratio_base >= sp.hepatitis_baseline_multiple - nm.TOLERANCE)
+                if hit and not in_episode:
+                    yield Fact("lab_signal", f"hepatitis:{e.event_id}",
+                               {"at": _iso(e.occurred_at), "signal": "hepatitis", "analyte": analyte, "value": value,
+                                "grade": "major", "ratio_uln": _r(ratio_uln, 3), "ratio_baseline": _r(ratio_base, 3)},
+                               {"events": [e.event_id], "uln": uln, "baseline": base})
+                in_episode = hit
+        # MAS lab pattern (2016 criteria) around each post-T0 ferritin, once per episode
+        window = sp.mas_lab_window_hours * H
+        others = {a: self._lab_values(v, a) for a in ("platelets", "AST", "triglycerides", "fibrinogen")}
+        tests = {"platelets": lambda x: x <= sp.mas_platelets_at_or_below + nm.TOLERANCE,
+                 "AST": lambda x: x > sp.mas_ast_above + nm.TOLERANCE,
+                 "triglycerides": lambda x: x > sp.mas_triglycerides_above_mg_dl + nm.TOLERANCE,
+                 "fibrinogen": lambda x: x <= sp.mas_fibrinogen_at_or_below_mg_dl + nm.TOLERANCE}
+        in_episode = False
+        for e, ferritin in self._lab_values(v, "ferritin"):
+            if e.occurred_at < v.t0:
+                continue
+            met = []
+            for a, vals in others.items():
+                near = [(x, val) for x, val in vals if abs(x.occurred_at - e.occurred_at) <= window]
+                hits = [(x, val) for x, val in near if tests[a](val)]
+                if hits:
+                    met.append((a, hits[-1][0], hits[-1][1]))
+            fw = sp.mas_fever_window_hours * H
+            febrile = [r for r in v.readings_in(e.occurred_at - fw, e.occurred_at + fw) if v.febrile(r)]
+            hit = ferritin > sp.mas_ferritin_above + nm.TOLERANCE and len(met) >= sp.mas_min_criteria and bool(febrile)
+            if hit and not in_episode:
+                latest = max([e.occurred_at, *(x.occurred_at for _, x, _ in met)])
+                yield Fact("lab_signal", f"mas:{e.event_id}",
+                           {"at": _iso(latest), "signal": "mas", "analyte": "ferritin", "value": ferritin,
+                            "grade": "critical", "criteria_met": float(len(met))},
+                           {"events": [e.event_id, *(x.event_id for _, x, _ in met), febrile[0].event_id],
+                            "criteria": {a: _r(val, 2) for a, _, val in met}})
+            if ferritin <= sp.mas_ferritin_above:
+                in_episode = False
+            elif hit:
+                in_episode = True
 
     # ---- dosing ---------------------------------------------------------------------------------------------
     def _fever_status_for_day(self, v: SubjectView, day: int, at: dt.datetime) -> str:

@@ -40,13 +40,84 @@ FACTS: dict[str, FactType] = {
             cyp_listed=bool, cyp_role=str, cyp_strength=str, cyp_recent=bool,
             systemic_steroid=bool, biologic=bool, in_kd_episode=bool,
             immunosuppressant=bool, washout_hours=float, washout_remaining_hours=float,
-            in_restricted_period=bool, start_at=str, last_dose_at=str,
+            in_restricted_period=bool, start_at=str, last_dose_at=str, enrollment_at=str, on_treatment_at=str,
+            antipyretic=bool, aspirin=bool, regimen=str, mg_per_kg_per_day=float, active_in_restricted=bool,
+            rescue=bool, before_verdict=bool, for_sae=bool, other_arm_study_drug=bool, arm=str,
         ),
         _fact(
-            "baseline_vaccine",
-            "An immunisation before T0, with its live status and whether it falls in the 1-month look-back; "
-            "at = enrollment.",
-            vaccine=str, atc=str, live=bool, within_lookback=bool, vaccine_date=str,
+            "vaccination",
+            "An immunisation with its live status; phase before_t0 (with the 1-month look-back before enrollment) "
+            "or on_treatment (in_treatment_period: T0 to the end of dosing day 14, anakinra arm).",
+            vaccine=str, atc=str, live=bool, phase=str, within_lookback=bool, in_treatment_period=bool,
+            vaccine_date=str, enrollment_at=str, arm=str,
+        ),
+        _fact(
+            "enrollment_profile",
+            "Baseline facts at enrollment: age in completed calendar months on the site-local enrollment date, "
+            "baseline weight, consent timing and the KD criteria (AHA 2017 complete / incomplete, parameters in "
+            "kd_criteria); at = enrollment.",
+            age_months=float, weight_known=bool, weight_kg=float, consent_ok=bool, consent_at=str,
+            kd_complete=bool, kd_incomplete=bool, kd_signs=float, fever_days=float,
+            gestational_age_weeks=float,
+        ),
+        _fact(
+            "exclusion_answer",
+            "One exclusion-checklist item of the enrollment record: answer = yes | no | unanswered.",
+            item=str, answer=str,
+        ),
+        _fact(
+            "ivig_failure",
+            "The IVIG-failure inclusion criterion (A-5): first-course dose, a febrile reading in "
+            "[E1 + 48h - tolerance, T0], and the time from E1 to T0; at = enrollment.",
+            first_course_g_per_kg=float, febrile_after_e1=bool, hours_e1_to_t0=float, e1_at=str,
+        ),
+        _fact(
+            "ivig_course",
+            "An IVIG course (first = initial KD treatment, retreatment = IVIG-arm study drug) with its total g/kg.",
+            course=str, g_per_kg=float, arm=str,
+        ),
+        _fact(
+            "treatment_day",
+            "Anakinra dosing day d (1..14) once its window has closed: doses attributed to it, and whether "
+            "treatment was documented as discontinued before it (serious AE or rescue therapy).",
+            day=float, doses=float, discontinued=bool,
+        ),
+        _fact(
+            "treatment_duration",
+            "Anakinra course length: kind extra_day (a dose on day >= 15, at that dose) or course_end (at the end "
+            "of the day-14 window, with the last dosing day).",
+            kind=str, last_dose_day=float, discontinued=bool,
+        ),
+        _fact(
+            "echo",
+            "An echocardiogram: worst coronary Z, its category (§7.5), the change from the worst prior category, "
+            "its study day and whether it lies in the D45 window.",
+            worst_z=float, category=float, category_increase=float, study_day=float, in_d45_window=bool,
+            post_t0=bool, visit=str,
+        ),
+        _fact(
+            "visit_window",
+            "A protocol visit window (A-17) once it has closed: whether the visit happened in it.",
+            visit=str, done=bool, missing_assessments=str, window_first_day=str, window_last_day=str,
+        ),
+        _fact(
+            "assessment_window",
+            "A CRP or D45 echo window once closed, for a visit that happened: how many assessments fell in it.",
+            window=str, assessment=str, visit_done=bool, count=float,
+        ),
+        _fact(
+            "adverse_event",
+            "An adverse event (term and MedDRA PT lower-cased), seriousness, and for serious ones how long after "
+            "investigator awareness it was recorded.",
+            term=str, meddra_pt=str, serious=bool, seriousness=str, infection_type=str, report_delay_hours=float,
+            report_due_at=str, on_treatment=bool,
+        ),
+        _fact(
+            "lab_signal",
+            "The first value of a post-T0 safety lab episode (A-20, thresholds in parameters.safety): signal = "
+            "neutropenia | hepatitis | mas; grade = major | critical.",
+            signal=str, analyte=str, value=float, grade=str, ratio_uln=float, ratio_baseline=float,
+            criteria_met=float,
         ),
         _fact(
             "anakinra_dose",

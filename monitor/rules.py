@@ -47,8 +47,12 @@ def _load_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
             return
         lines.setdefault(at, n.start_mark.line + 1)
         if isinstance(n, yaml.MappingNode):
+            seen: set[Any] = set()
             for key_node, value_node in n.value:
                 key = key_node.value
+                if key in seen:
+                    duplicates.append((str(path), key_node.start_mark.line + 1, f"duplicate key '{key}'"))
+                seen.add(key)
                 lines[at + (key,)] = key_node.start_mark.line + 1
                 walk(value_node, at + (key,))
         elif isinstance(n, yaml.SequenceNode):
@@ -56,7 +60,10 @@ def _load_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
                 lines[at + (i,)] = item.start_mark.line + 1
                 walk(item, at + (i,))
 
+    duplicates: list[tuple[str, int | None, str]] = []
     walk(node, ())
+    if duplicates:
+        raise RuleFileError(duplicates)
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -100,11 +107,21 @@ class SeverityMap(_Strict):
     default: Severity
 
 
+class Alternative(_Strict):
+    """Another fact and condition that raises the same rule (e.g. SAFE-HEPATITIS: a reported AE or a lab signal)."""
+
+    fact: str
+    when: Any
+    at: str = "at"
+    message: str
+
+
 class RuleSpec(_Strict):
     id: str = Field(pattern=r"^[A-Z][A-Z0-9]*(-[A-Z0-9]+)+$")
     title: str
     fact: str
     when: Any
+    alternatives: list[Alternative] = Field(default_factory=list)
     severity: Severity | SeverityMap
     category: Category | None = None
     at: str = "at"
@@ -132,7 +149,55 @@ class UnitParams(_Strict):
     creatinine_to_mg_dl: dict[str, float]
     weight_to_kg: dict[str, float]
     height_to_cm: dict[str, float]
-    other_lab_units: dict[str, list[str]] = Field(default_factory=dict)
+    lab_conversions: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+
+class IvigFailureParams(_Strict):
+    fever_from_hours_after_e1: float
+    tolerance_hours: float
+    first_course_purposes: list[str]
+
+
+class KdCriteriaParams(_Strict):
+    complete_min_signs: int
+    complete_min_fever_days: int
+    early_min_fever_days: int
+    early_signs_by_fever_day: int
+    incomplete_signs: list[int]
+    incomplete_min_fever_days: int
+    infant_max_months: int
+    infant_min_fever_days: int
+    crp_mg_dl_at_least: float
+    esr_mm_h_at_least: float
+    supplemental_at_least: int
+
+
+class VisitWindow(_Strict):
+    days: tuple[int, int]
+    assessments: list[str] = Field(default_factory=list)
+
+
+class AssessmentWindow(_Strict):
+    assessment: str
+    days: tuple[int, int]
+    visits: list[str]
+
+
+class SafetyParams(_Strict):
+    neutropenia_below: float
+    neutropenia_critical_below: float
+    hepatitis_uln_multiple: float
+    hepatitis_baseline_multiple: float
+    default_uln_u_per_l: dict[str, float]
+    mas_ferritin_above: float
+    mas_platelets_at_or_below: float
+    mas_ast_above: float
+    mas_triglycerides_above_mg_dl: float
+    mas_fibrinogen_at_or_below_mg_dl: float
+    mas_min_criteria: int
+    mas_lab_window_hours: float
+    mas_fever_window_hours: float
+    sae_report_hours: float
 
 
 class Parameters(_Strict):
@@ -163,6 +228,20 @@ class Parameters(_Strict):
     biologic_atc_prefixes: list[str]
     anakinra_atc: list[str]
     ivig_atc: list[str]
+    ivig_failure: IvigFailureParams
+    kd_criteria: KdCriteriaParams
+    visit_windows: dict[str, VisitWindow]
+    assessment_windows: dict[str, AssessmentWindow]
+    coronary_z_category_bounds: list[float]
+    d45_echo_days: tuple[int, int]
+    rescue_atc_prefixes: list[str]
+    rescue_for_sae_words: list[str]
+    antipyretic_atc_prefixes: list[str]
+    antipyretic_names: list[str]
+    aspirin_atc: list[str]
+    aspirin_names: list[str]
+    doses_per_day: dict[str, float]
+    safety: SafetyParams
 
 
 class CypEntry(_Strict):
@@ -292,7 +371,19 @@ class Rule:
     category: str
     path: str
     line: int | None
-    definition: dict[str, Any]
+    definitions: dict[str, dict[str, Any]]
+
+    def _variant(self, fact_name: str) -> tuple[str, str]:
+        for alt in self.spec.alternatives:
+            if alt.fact == fact_name and fact_name != self.spec.fact:
+                return alt.at, alt.message
+        return self.spec.at, self.spec.message
+
+    def at_field(self, fact_name: str) -> str:
+        return self._variant(fact_name)[0]
+
+    def message_for(self, fact_name: str) -> str:
+        return self._variant(fact_name)[1]
 
     def severity_for(self, fact: dict[str, Any]) -> str:
         sev = self.spec.severity
@@ -314,10 +405,11 @@ class RuleSet:
 
     def engine_definition(self) -> dict[str, Any]:
         """The durable_rules ruleset body: rule name → definition (identical for every shard)."""
-        return {rule_id: rule.definition for rule_id, rule in sorted(self.rules.items())}
+        return {name: d for _, rule in sorted(self.rules.items()) for name, d in sorted(rule.definitions.items())}
 
     def facts_read(self) -> set[str]:
-        return {r.spec.fact for r in self.rules.values()}
+        return {r.spec.fact for r in self.rules.values()} | {
+            a.fact for r in self.rules.values() for a in r.spec.alternatives}
 
 
 def _validate(model: type[BaseModel], data: Any, path: Path, lines: dict[tuple[Any, ...], int], problems: list) -> Any:
@@ -383,30 +475,35 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
             if spec.id in rules:
                 other = rules[spec.id]
                 local.append(f"duplicate rule id {spec.id} (first defined at {other.path}:{other.line})")
-            if spec.fact not in FACTS:
-                local.append(f"unknown derived fact '{spec.fact}'{_closest(spec.fact, sorted(FACTS))}")
-            else:
-                fields = FACTS[spec.fact].fields
-                if spec.at not in fields or fields[spec.at] is not str:
-                    local.append(f"'at: {spec.at}' is not a time field of fact '{spec.fact}'{_closest(spec.at, list(fields))}")
+            definitions: dict[str, dict[str, Any]] = {}
+            variants = [(spec.fact, spec.when, spec.at, spec.message)] + [
+                (a.fact, a.when, a.at, a.message) for a in spec.alternatives]
+            for n, (fact, when, at, message) in enumerate(variants):
+                where = "" if n == 0 else f"alternatives[{n - 1}]: "
+                if fact not in FACTS:
+                    local.append(f"{where}unknown derived fact '{fact}'{_closest(fact, sorted(FACTS))}")
+                    continue
+                fields = FACTS[fact].fields
+                if at not in fields or fields[at] is not str:
+                    local.append(f"{where}'at: {at}' is not a time field of fact '{fact}'{_closest(at, list(fields))}")
                 if isinstance(spec.severity, SeverityMap) and spec.severity.field not in fields:
-                    local.append(f"severity field '{spec.severity.field}' is not a field of '{spec.fact}'")
+                    local.append(f"{where}severity field '{spec.severity.field}' is not a field of '{fact}'")
                 cond_problems: list[str] = []
-                expr = compile_condition(spec.when, spec.fact, cond_problems)
-                local.extend(f"when: {m}" for m in cond_problems)
+                expr = compile_condition(when, fact, cond_problems)
+                local.extend(f"{where}when: {m}" for m in cond_problems)
                 try:
-                    spec.message.format_map(_FormatProbe(fields))
+                    message.format_map(_FormatProbe(fields))
                 except (KeyError, ValueError, IndexError, AttributeError) as exc:
-                    local.append(f"message: cannot be filled from fact '{spec.fact}' ({exc})")
+                    local.append(f"{where}message: cannot be filled from fact '{fact}' ({exc})")
+                definitions[spec.id if n == 0 else f"{spec.id}~{n}"] = {
+                    "all": [{"m": {"$and": [{"fact": fact}, expr]}}],
+                    "pri": spec.priority,
+                    "run": spec.id,
+                }
             if local:
                 problems.extend((str(p), lines.get(("rules", i, "when")) if "when:" in m else line, m) for m in local)
                 continue
-            definition = {
-                "all": [{"m": {"$and": [{"fact": spec.fact}, expr]}}],
-                "pri": spec.priority,
-                "run": spec.id,
-            }
-            rules[spec.id] = Rule(spec, spec.category or rf.category, str(p), line, definition)
+            rules[spec.id] = Rule(spec, spec.category or rf.category, str(p), line, definitions)
     if problems:
         raise RuleFileError(problems)
     return RuleSet(

@@ -1,0 +1,285 @@
+"""The durable_rules adapter and its workarounds (ENGINE_NOTES): sid hash collisions, constant-only conditions,
+session isolation, sharding, fact retraction, no background threads."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+import monitor.engine as engine_mod
+from monitor.engine import RulesEngine, check_definition, sid_hash
+from monitor.errors import EngineError
+from monitor.rules import load_rules, references_other_message
+
+LOW = {"low": {"all": [{"m": {"$and": [{"fact": "baseline_lab"}, {"$lt": {"value": 1.5}}]}}], "run": "LOW"}}
+TWO_RULES = {
+    **LOW,
+    "renal": {"all": [{"m": {"$and": [{"fact": "baseline_lab"}, {"analyte": "eGFR"}, {"$lt": {"value": 30}}]}}],
+              "run": "RENAL"},
+}
+
+
+def lab(value: float, analyte: str = "ANC") -> dict[str, Any]:
+    return {"fact": "baseline_lab", "analyte": analyte, "value": value, "at": "2025-01-06T08:00:00+01:00"}
+
+
+def make(definition=None, **kw) -> RulesEngine:
+    return RulesEngine(definition=definition or LOW, version="test", **kw)
+
+
+# ---- (a) sid hashes -------------------------------------------------------------------------------------------------
+
+
+def test_documented_sid_hash_collision():
+    assert sid_hash("KD-0329599") == sid_hash("KD-0532382")
+    assert sid_hash("1") != sid_hash("2")
+
+
+def test_sid_hash_is_32_bit_fnv1a():
+    # reference values of 32-bit FNV-1a
+    assert sid_hash("") == 0x811C9DC5
+    assert sid_hash("a") == 0xE40C292C
+    assert sid_hash("foobar") == 0xBF9CF968
+
+
+def test_colliding_subject_ids_get_separate_sessions():
+    e = make()
+    e.sync("KD-0329599", {"baseline_lab:ANC": lab(1.0)})
+    e.sync("KD-0532382", {"baseline_lab:ANC": lab(4.0)})
+    assert e.matches("KD-0329599") == {("LOW", "baseline_lab:ANC")}
+    assert e.matches("KD-0532382") == set()
+    assert [f["value"] for f in e.engine_facts("KD-0532382")] in ([], [4.0])
+    assert [f["value"] for f in e.engine_facts("KD-0329599")] == [1.0]
+
+
+def _hashes_unique_per_registration(e: RulesEngine, subjects: list[str], hash_fn) -> dict[str, list[str]]:
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for s in subjects:
+        name, sid = e.session_of(s)
+        by_shard[name].append(sid)
+    for name, sids in by_shard.items():
+        assert len(set(sids)) == len(sids), f"two subjects share a sid in {name}"
+        hashes = [hash_fn(sid) for sid in sids]
+        assert len(set(hashes)) == len(hashes), f"two sids with equal hash in {name}"
+    return by_shard
+
+
+def test_200_subjects_get_sids_with_unique_hashes_per_registration():
+    e = make()
+    subjects = [f"KD-{i:07d}" for i in range(200)]
+    by_shard = _hashes_unique_per_registration(e, subjects, sid_hash)
+    assert sum(len(v) for v in by_shard.values()) == 200
+    # stable: asking again gives the same session
+    assert e.session_of(subjects[17]) == e.session_of(subjects[17])
+
+
+def test_sids_skip_hash_collisions_under_a_coarse_hash(monkeypatch):
+    real = engine_mod.sid_hash
+    coarse = lambda sid: real(sid) % 512  # noqa: E731 - forces many collisions among 200 sids
+    monkeypatch.setattr(engine_mod, "sid_hash", coarse)
+    e = make()
+    subjects = [f"S{i}" for i in range(200)]
+    by_shard = _hashes_unique_per_registration(e, subjects, coarse)
+    sids = [int(s) for v in by_shard.values() for s in v]
+    assert max(sids) > 200  # some sids were skipped because their hash was taken
+
+
+def test_forced_collision_skips_to_the_next_sid(monkeypatch):
+    real = engine_mod.sid_hash
+    monkeypatch.setattr(engine_mod, "sid_hash", lambda sid: real("1") if sid == "2" else real(sid))
+    e = make()
+    assert e.session_of("A")[1] == "1"
+    assert e.session_of("B")[1] == "3"
+    assert e.session_of("C")[1] == "4"
+    e.sync("A", {"f": lab(1.0)})
+    e.sync("B", {"f": lab(9.0)})
+    assert e.matches("A") == {("LOW", "f")}
+    assert e.matches("B") == set()
+    assert all(f["sid"] == "3" for f in e.engine_facts("B"))
+
+
+# ---- (b) constant-only conditions -----------------------------------------------------------------------------------
+
+JOIN = {"r": {"all": [{"first": {"t": "a"}}, {"second": {"$lt": {"ts": {"first": "ts"}}}}], "run": "r"}}
+
+
+@pytest.mark.parametrize(
+    "definition",
+    [
+        JOIN,
+        {"r": {"all": [{"m": {"$lt": {"value": {"$m": "other"}}}}], "run": "r"}},
+        {"r": {"all": [{"m": {"$and": [{"fact": "x"}, {"$gt": {"value": {"$s": "limit"}}}]}}], "run": "r"}},
+        {"r": {"all": [{"m": {"$lt": {"value": {"$add": {"$l": {"first": "ts"}, "$r": 3600}}}}}], "run": "r"}},
+        {"r": {"any": [{"a": {"t": "x"}}, {"b": {"t": "y"}}], "run": "r"}},
+        {"r": {"all": [{"x": {"t": "x"}}], "run": "r"}},
+        {"r": {"run": "r"}},
+    ],
+    ids=["join", "$m", "$s", "$add", "any-two-messages", "not-m", "no-condition"],
+)
+def test_check_definition_refuses_references_to_other_messages(definition):
+    with pytest.raises(EngineError):
+        check_definition(definition)
+    with pytest.raises(EngineError):
+        RulesEngine(definition=definition, version="bad")
+
+
+def test_check_definition_accepts_constant_comparisons():
+    check_definition(TWO_RULES)
+    check_definition({"r": {"all": [{"m": {"$or": [{"a": 1}, {"$gte": {"b": 2.5}}, {"c": True}]}}], "run": "r"}})
+
+
+def _field_values_are_scalars(expr: Any, path: str = "") -> list[str]:
+    bad = []
+    if isinstance(expr, dict):
+        for key, value in expr.items():
+            if not key.startswith("$") and isinstance(value, (dict, list)):
+                bad.append(f"{path}/{key}")
+            bad.extend(_field_values_are_scalars(value, f"{path}/{key}"))
+    elif isinstance(expr, list):
+        for i, v in enumerate(expr):
+            bad.extend(_field_values_are_scalars(v, f"{path}[{i}]"))
+    return bad
+
+
+def test_every_bundled_rule_compiles_to_constant_comparisons_on_one_message():
+    definition = load_rules().engine_definition()
+    assert len(definition) >= 10
+    check_definition(definition)
+    for rule_id, rule in definition.items():
+        assert rule["run"] == rule_id
+        (cond,) = rule["all"]
+        assert set(cond) == {"m"}
+        assert _field_values_are_scalars(cond["m"]) == [], rule_id
+        assert not references_other_message(cond["m"]), rule_id
+    RulesEngine(definition=definition, version="bundled")  # registers without complaint
+
+
+# ---- (c) session isolation ------------------------------------------------------------------------------------------
+
+
+def test_subjects_are_isolated():
+    e = make()
+    e.sync("A", {"baseline_lab:ANC": lab(1.2)})
+    e.sync("B", {"baseline_lab:ANC": lab(2.0)})
+    assert e.matches("A") == {("LOW", "baseline_lab:ANC")}
+    assert e.matches("B") == set()
+    a_facts = e.engine_facts("A")
+    assert [f["value"] for f in a_facts] == [1.2]
+    b_facts = e.engine_facts("B")
+    assert all(f["value"] != 1.2 for f in b_facts)
+    assert all(f["sid"] == e.session_of("B")[1] for f in b_facts)
+    assert e.session_of("A") != e.session_of("B")
+
+
+def test_unknown_subject_has_no_matches():
+    e = make()
+    e.sync("A", {"f": lab(1.0)})
+    assert e.matches("nobody") == set()
+
+
+# ---- (d) sharding ---------------------------------------------------------------------------------------------------
+
+
+def test_subjects_are_sharded_over_registrations():
+    e = make(shard_size=3)
+    subjects = [f"S{i}" for i in range(7)]
+    for i, s in enumerate(subjects):
+        e.sync(s, {f"baseline_lab:{s}": lab(1.0 if i % 2 == 0 else 3.0)})
+    assert e.shard_count == 3
+    names = [e.session_of(s)[0] for s in subjects]
+    assert [names.count(n) for n in dict.fromkeys(names)] == [3, 3, 1]
+    for i, s in enumerate(subjects):
+        expected = {("LOW", f"baseline_lab:{s}")} if i % 2 == 0 else set()
+        assert e.matches(s) == expected, s
+        assert all(f["id"] == f"baseline_lab:{s}" for f in e.engine_facts(s))
+
+
+@pytest.mark.parametrize("size", [0, -1, engine_mod.MAX_SESSIONS_PER_REGISTRATION, 5000])
+def test_shard_size_must_stay_under_the_engine_limit(size):
+    with pytest.raises(EngineError):
+        make(shard_size=size)
+
+
+def test_default_shard_size_is_under_the_session_limit():
+    assert 0 < engine_mod.DEFAULT_SHARD_SIZE < engine_mod.MAX_SESSIONS_PER_REGISTRATION
+
+
+# ---- (e) sync semantics ---------------------------------------------------------------------------------------------
+
+
+def test_retracting_a_fact_removes_its_match():
+    e = make()
+    e.sync("A", {"f1": lab(1.0), "f2": lab(1.1)})
+    assert e.matches("A") == {("LOW", "f1"), ("LOW", "f2")}
+    e.sync("A", {"f2": lab(1.1)})
+    assert e.matches("A") == {("LOW", "f2")}
+    assert [f["id"] for f in e.engine_facts("A")] == ["f2"]
+    e.sync("A", {})
+    assert e.matches("A") == set()
+    assert e.engine_facts("A") == []
+
+
+def test_changing_a_value_re_evaluates():
+    e = make()
+    e.sync("A", {"f": lab(1.0)})
+    assert e.matches("A") == {("LOW", "f")}
+    e.sync("A", {"f": lab(2.0)})
+    assert e.matches("A") == set()
+    e.sync("A", {"f": lab(1.4)})
+    assert e.matches("A") == {("LOW", "f")}
+    assert [f["value"] for f in e.engine_facts("A")] == [1.4]
+
+
+def test_a_fact_that_starts_high_then_drops_low_fires():
+    e = make()
+    e.sync("A", {"f": lab(3.0)})
+    assert e.matches("A") == set()
+    e.sync("A", {"f": lab(0.9)})
+    assert e.matches("A") == {("LOW", "f")}
+
+
+def test_resync_with_the_same_facts_is_stable():
+    e = make()
+    facts = {"f": lab(1.0), "g": lab(5.0)}
+    e.sync("A", facts)
+    e.sync("A", dict(facts))
+    assert e.matches("A") == {("LOW", "f")}
+
+
+def test_a_fact_matching_no_rule_is_no_match_and_no_error():
+    e = make()
+    e.sync("A", {"x": {"fact": "weight_status", "weight_known": False}})
+    assert e.matches("A") == set()
+    assert e.action_errors == 0
+
+
+def test_one_fact_can_fire_two_rules():
+    e = make(TWO_RULES)
+    e.sync("A", {"egfr": lab(1.0, analyte="eGFR")})
+    assert e.matches("A") == {("LOW", "egfr"), ("RENAL", "egfr")}
+    e.sync("A", {"egfr": lab(20.0, analyte="eGFR")})
+    assert e.matches("A") == {("RENAL", "egfr")}
+
+
+def test_matches_across_many_subjects_stay_their_own():
+    e = make(shard_size=10)
+    for i in range(40):
+        e.sync(f"S{i}", {"f": lab(1.0 if i % 3 == 0 else 2.0)})
+    for i in range(40):
+        assert e.matches(f"S{i}") == ({("LOW", "f")} if i % 3 == 0 else set())
+    assert e.shard_count == 4
+
+
+# ---- (f) no threads -------------------------------------------------------------------------------------------------
+
+
+def test_engine_starts_no_threads():
+    before = threading.active_count()
+    e = make()
+    e.sync("A", {"f": lab(1.0)})
+    e.sync("B", {"f": lab(2.0)})
+    RulesEngine(definition=load_rules().engine_definition(), version="bundled").session_of("X")
+    assert threading.active_count() == before
