@@ -65,6 +65,33 @@ def _cmd_rules_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rules_test(args: argparse.Namespace) -> int:
+    from monitor.rules import load_rules
+    from monitor.ruletest import load_suite, run_suite
+
+    rules = load_rules(args.dir)
+    suite = load_suite(args.tests or rules.directory / "tests")
+    results = run_suite(suite, rules)
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        if not r.ok or args.verbose_tests:
+            print(f"{'FAIL' if not r.ok else 'ok  '} {r.name}  ({r.path}:{r.line})")
+        for problem in r.problems:
+            print(f"       {problem}")
+    covered = suite.rules_covered()
+    untested = sorted(set(rules.rules) - set(covered))
+    if untested:
+        print(f"rules with no test: {', '.join(untested)}")
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed or untested else 0
+
+
+def _cmd_rules_doc(args: argparse.Namespace) -> int:
+    from monitor.catalogue import write_catalogue
+
+    return write_catalogue(rules_dir=args.dir, output=args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protocol-monitor", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -90,11 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="-", help="output file (default: standard output)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("rules", help="rule files: check")
+    p = sub.add_parser("rules", help="rule files: check, test, doc")
     rsub = p.add_subparsers(dest="rules_command", required=True)
     c = rsub.add_parser("check", help="load and validate a rules directory")
     c.add_argument("dir", nargs="?", default=None)
     c.set_defaults(func=_cmd_rules_check)
+    c = rsub.add_parser("test", help="run the rule tests (rules/tests/*.yaml) under the replay clock")
+    c.add_argument("dir", nargs="?", default=None, help="rules directory (default: the bundled rules/)")
+    c.add_argument("--tests", default=None, help="tests directory (default: DIR/tests)")
+    c.add_argument("--list", dest="verbose_tests", action="store_true", help="list passing tests too")
+    c.set_defaults(func=_cmd_rules_test)
+    c = rsub.add_parser("doc", help="write the rule catalogue for reviewers (Markdown)")
+    c.add_argument("dir", nargs="?", default=None)
+    c.add_argument("-o", "--output", default="-", help="output file (default: standard output)")
+    c.set_defaults(func=_cmd_rules_doc)
     return parser
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AwareDatetime,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,7 +28,13 @@ MAX_EVENT_BYTES = 1_000_000
 """Largest accepted event; a bigger one is rejected as `too_large` (it is never a real clinical record)."""
 
 Arm = Literal["anakinra", "ivig"]
-Number = Annotated[float, Field(allow_inf_nan=False)]
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not true/false")
+    return value
+
+
+Number = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_no_bool)]
 Text = Annotated[str, Field(min_length=1, max_length=4000)]
 
 
@@ -220,12 +227,15 @@ def _reason_for(errors: list[dict[str, Any]]) -> str:
 
 def decode(raw: bytes | str) -> dict[str, Any]:
     """Turn raw bytes into a JSON object, or reject with the reason."""
-    if len(raw) > MAX_EVENT_BYTES:
-        raise EventRejected("too_large", f"event is {len(raw)} bytes; the limit is {MAX_EVENT_BYTES}")
+    size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
+    if size > MAX_EVENT_BYTES:
+        raise EventRejected("too_large", f"event is {size} bytes; the limit is {MAX_EVENT_BYTES}")
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EventRejected("malformed_json", f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise EventRejected("malformed_json", "JSON nested too deeply to be an event") from None
     if not isinstance(value, dict):
         raise EventRejected("not_an_object", f"an event must be a JSON object, got {type(value).__name__}")
     return value

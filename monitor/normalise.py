@@ -127,10 +127,10 @@ def study_day(t0: dt.datetime, at: dt.datetime, zone: ZoneInfo) -> int:
 
 def dosing_day(t0: dt.datetime, at: dt.datetime, *, offset_hours: float = 6.0) -> int:
     """Dosing day d: window [T0 + 24(d−1) h − 6 h, T0 + 24(d−1) h + 18 h) in elapsed time (spec §2.1)."""
-    hours = (at - t0).total_seconds() / 3600.0
+    hours = hours_between(t0, at)
     return math.floor((hours + offset_hours) / 24.0) + 1
 
 
 def hours_between(start: dt.datetime, end: dt.datetime) -> float:
     """Elapsed hours (absolute time, so a daylight-saving change never shifts a deadline)."""
-    return (end - start).total_seconds() / 3600.0
+    return (end.astimezone(dt.timezone.utc) - start.astimezone(dt.timezone.utc)).total_seconds() / 3600.0

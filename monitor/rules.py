@@ -319,6 +319,9 @@ def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, An
             problems.append(f"fact '{fact}' has no field '{name}'{_closest(str(name), list(fields))}")
             continue
         tests = test if isinstance(test, dict) else {"eq": test}
+        if not tests:
+            problems.append(f"'{name}' has no comparison (write e.g. {name}: {{lt: 1.5}})")
+            continue
         for op, value in tests.items():
             if op not in OPERATORS:
                 problems.append(f"unknown operator '{op}' on '{name}'{_closest(str(op), sorted(OPERATORS))}")
@@ -501,7 +504,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
                     "run": spec.id,
                 }
             if local:
-                problems.extend((str(p), lines.get(("rules", i, "when")) if "when:" in m else line, m) for m in local)
+                problems.extend((str(p), _problem_line(lines, i, m, line), m) for m in local)
                 continue
             rules[spec.id] = Rule(spec, spec.category or rf.category, str(p), line, definitions)
     if problems:
@@ -514,6 +517,16 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
         rules=rules,
         files=tuple(str(p.relative_to(root)) for p in files),
     )
+
+
+def _problem_line(lines: dict[tuple[Any, ...], int], i: int, message: str, default: int | None) -> int | None:
+    """The line a rule problem points at: the alternative's `when:`, the rule's `when:`, or the rule itself."""
+    if message.startswith("alternatives["):
+        n = int(message[len("alternatives["):message.index("]")])
+        return lines.get(("rules", i, "alternatives", n, "when"), lines.get(("rules", i, "alternatives", n), default))
+    if "when:" in message:
+        return lines.get(("rules", i, "when"), default)
+    return default
 
 
 class _FormatProbe(dict):

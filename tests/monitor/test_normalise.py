@@ -291,22 +291,12 @@ def test_hours_between_across_dst_with_explicit_offsets():
     assert (start + dt.timedelta(hours=15)).astimezone(PARIS).hour == 14
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG monitor/normalise.py hours_between/dosing_day: with two datetimes sharing one ZoneInfo tzinfo, "
-    "Python subtracts wall-clock times, so 22:00 -> 14:00 next day across the spring DST change gives 16 h, not 15 h",
-)
 def test_hours_between_across_dst_with_zoneinfo_datetimes():
     start = dt.datetime(2025, 3, 29, 22, 0, tzinfo=PARIS)
     end = dt.datetime(2025, 3, 30, 14, 0, tzinfo=PARIS)
     assert nm.hours_between(start, end) == pytest.approx(15.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG monitor/normalise.py dosing_day: same ZoneInfo on both datetimes -> wall-clock difference; "
-    "a dose 17 h after T0 across the DST change is counted in day 2",
-)
 def test_dosing_day_across_dst_with_zoneinfo_datetimes():
     t0 = dt.datetime(2025, 3, 29, 22, 0, tzinfo=PARIS)
     at = dt.datetime(2025, 3, 30, 16, 0, tzinfo=PARIS)  # 17 h elapsed

@@ -28,12 +28,14 @@ def rules_dir(tmp_path: Path) -> Path:
     return target
 
 
-def plant(path: Path, old: str, new: str) -> int:
-    """Replace the first `old` with `new`; return the 1-based line where `new` starts."""
+def plant(path: Path, old: str, new: str, *, after: str | None = None) -> int:
+    """Replace the first `old` (after the text `after`, e.g. a rule's id line) with `new`; return the 1-based line
+    where it starts."""
     text = path.read_text(encoding="utf-8")
-    assert text.count(old) >= 1, f"{old!r} not in {path}"
-    index = text.index(old)
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    start = text.index(after) if after is not None else 0
+    assert old in text[start:], f"{old!r} not in {path}" + (f" after {after!r}" if after else "")
+    index = text.index(old, start)
+    path.write_text(text[:index] + new + text[index + len(old):], encoding="utf-8")
     return text[:index].count("\n") + 1
 
 
@@ -72,7 +74,7 @@ def test_bundled_rules_load():
     assert Path(neutro.path).name == "eligibility.yaml"
     assert neutro.line == line_of(Path(neutro.path), "id: ELIG-NEUTROPENIA")
     assert neutro.category == "eligibility"
-    assert neutro.definition["run"] == "ELIG-NEUTROPENIA"
+    assert rs.engine_definition()["ELIG-NEUTROPENIA"]["run"] == "ELIG-NEUTROPENIA"
 
 
 # ---- planted errors -------------------------------------------------------------------------------------------------
@@ -80,14 +82,15 @@ def test_bundled_rules_load():
 
 def test_unknown_field_in_a_rule(rules_dir):
     f = rules_dir / "concomitant.yaml"
-    line = plant(f, "    severity: {field", "    severty: major\n    severity: {field")
+    line = plant(f, "    severity: {field", "    severty: major\n    severity: {field",
+                 after="- id: CONMED-CYP-INTERACTOR")
     problems = only_problems_in(refused(rules_dir), f)
     assert any(l == line and "severty" in msg for l, msg in problems), problems
 
 
 def test_bad_severity_value(rules_dir):
     f = rules_dir / "data_quality.yaml"
-    line = plant(f, "    severity: minor\n", "    severity: urgent\n")
+    line = plant(f, "    severity: minor\n", "    severity: urgent\n", after="- id: DQ-TEMP-UNIT-SUSPECT")
     problems = only_problems_in(refused(rules_dir), f)
     assert problems
     for l, msg in problems:
@@ -99,7 +102,8 @@ def test_bad_severity_value(rules_dir):
 def test_unknown_fact_name_suggests_the_closest(rules_dir):
     f = rules_dir / "concomitant.yaml"
     rule_line = line_of(f, "- id: CONMED-CYP-INTERACTOR")
-    fact_line = plant(f, "    fact: medication_exposure", "    fact: medication_exposur")
+    fact_line = plant(f, "    fact: medication_exposure", "    fact: medication_exposur",
+                      after="- id: CONMED-CYP-INTERACTOR")
     ((line, msg),) = only_problems_in(refused(rules_dir), f)
     assert rule_line <= line <= fact_line
     assert "medication_exposur'" in msg
@@ -109,7 +113,7 @@ def test_unknown_fact_name_suggests_the_closest(rules_dir):
 def test_unknown_condition_field_suggests_the_closest(rules_dir):
     f = rules_dir / "concomitant.yaml"
     when_line = line_of(f, "    when:", line_of(f, "- id: CONMED-CYP-INTERACTOR"))
-    field_line = plant(f, "      cyp_listed: true", "      cyp_lsted: true")
+    field_line = plant(f, "      cyp_listed: true", "      cyp_lsted: true", after="- id: CONMED-CYP-INTERACTOR")
     ((line, msg),) = only_problems_in(refused(rules_dir), f)
     assert when_line <= line <= field_line
     assert "cyp_lsted" in msg
@@ -119,7 +123,7 @@ def test_unknown_condition_field_suggests_the_closest(rules_dir):
 def test_bool_field_compared_with_a_number(rules_dir):
     f = rules_dir / "concomitant.yaml"
     when_line = line_of(f, "    when:", line_of(f, "- id: CONMED-CYP-INTERACTOR"))
-    field_line = plant(f, "      systemic: true", "      systemic: 1")
+    field_line = plant(f, "      systemic: true", "      systemic: 1", after="- id: CONMED-CYP-INTERACTOR")
     ((line, msg),) = only_problems_in(refused(rules_dir), f)
     assert when_line <= line <= field_line
     assert "systemic" in msg and "bool" in msg
@@ -127,7 +131,7 @@ def test_bool_field_compared_with_a_number(rules_dir):
 
 def test_unknown_operator_is_refused(rules_dir):
     f = rules_dir / "eligibility.yaml"
-    plant(f, "      value: {lt: 1.5}", "      value: {less: 1.5}")
+    plant(f, "      value: {lt: 1.5}", "      value: {less: 1.5}", after="- id: ELIG-NEUTROPENIA")
     ((_, msg),) = only_problems_in(refused(rules_dir), f)
     assert "less" in msg
 
@@ -149,7 +153,8 @@ def test_duplicate_rule_id_across_two_files(rules_dir):
 
 def test_invalid_yaml_syntax_reports_the_line(rules_dir):
     f = rules_dir / "concomitant.yaml"
-    line = plant(f, "    title: CYP450 interactor started on study", "    title: CYP450: interactor: x")
+    line = plant(f, "    title: CYP450 interactor started on study", "    title: CYP450: interactor: x",
+                 after="- id: CONMED-CYP-INTERACTOR")
     ((l, msg),) = only_problems_in(refused(rules_dir), f)
     assert l == line
     assert "YAML" in msg
@@ -158,8 +163,8 @@ def test_invalid_yaml_syntax_reports_the_line(rules_dir):
 def test_python_tag_is_refused_and_never_executed(rules_dir, tmp_path):
     marker = tmp_path / "executed"
     f = rules_dir / "concomitant.yaml"
-    line = plant(f, "    source: \"extension", f'    priority: !!python/object/apply:os.system ["touch {marker}"]\n'
-                 "    source: \"extension")
+    line = plant(f, "    severity: {field", f'    priority: !!python/object/apply:os.system ["touch {marker}"]\n'
+                 "    severity: {field", after="- id: CONMED-CYP-INTERACTOR")
     ((l, msg),) = only_problems_in(refused(rules_dir), f)
     assert l == line
     assert "python/object/apply" in msg
@@ -178,26 +183,23 @@ def test_missing_directory():
 
 
 def test_every_problem_is_reported_not_only_the_first(rules_dir):
-    plant(rules_dir / "concomitant.yaml", "    fact: medication_exposure", "    fact: medication_exposur")
-    plant(rules_dir / "data_quality.yaml", "    severity: minor\n", "    severity: urgent\n")
+    plant(rules_dir / "concomitant.yaml", "    fact: medication_exposure", "    fact: medication_exposur",
+          after="- id: CONMED-CYP-INTERACTOR")
+    plant(rules_dir / "data_quality.yaml", "    severity: minor\n", "    severity: urgent\n",
+          after="- id: DQ-TEMP-UNIT-SUSPECT")
     files = {Path(p).name for p, _, _ in refused(rules_dir)}
     assert files == {"concomitant.yaml", "data_quality.yaml"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG monitor/rules.py compile_condition: an empty operator mapping (`value: {}`) adds no test and no "
-    "problem, so the rule silently loses its threshold and fires on every ANC",
-)
 def test_empty_operator_mapping_is_refused(rules_dir):
     f = rules_dir / "eligibility.yaml"
-    plant(f, "      value: {lt: 1.5}", "      value: {}")
+    plant(f, "      value: {lt: 1.5}", "      value: {}", after="- id: ELIG-NEUTROPENIA")
     try:
         rs = load_rules(rules_dir)
     except RuleFileError:
         return
     # what a user sees if it loads: a normal ANC of 5.0 raises ELIG-NEUTROPENIA
-    e = RulesEngine(definition={"n": rs.rules["ELIG-NEUTROPENIA"].definition}, version="t")
+    e = RulesEngine(definition={"n": rs.engine_definition()["ELIG-NEUTROPENIA"]}, version="t")
     e.sync("A", {"f": {"fact": "baseline_lab", "analyte": "ANC", "value": 5.0}})
     assert e.matches("A") == set(), "the rule fired for ANC 5.0"
 
@@ -214,11 +216,12 @@ def test_version_is_stable_for_the_same_bytes(rules_dir):
 def test_version_changes_with_a_threshold_and_back(rules_dir):
     v = load_rules(rules_dir).version
     f = rules_dir / "eligibility.yaml"
-    plant(f, "value: {lt: 1.5}", "value: {lt: 1.0}")
+    plant(f, "value: {lt: 1.5}", "value: {lt: 1.0}", after="- id: ELIG-NEUTROPENIA")
     changed = load_rules(rules_dir)
     assert changed.version != v
-    assert changed.rules["ELIG-NEUTROPENIA"].definition != load_rules().rules["ELIG-NEUTROPENIA"].definition
-    plant(f, "value: {lt: 1.0}", "value: {lt: 1.5}")
+    neutro = "ELIG-NEUTROPENIA"
+    assert changed.engine_definition()[neutro] != load_rules().engine_definition()[neutro]
+    plant(f, "value: {lt: 1.0}", "value: {lt: 1.5}", after="- id: ELIG-NEUTROPENIA")
     assert load_rules(rules_dir).version == v
 
 
@@ -231,7 +234,7 @@ def test_version_changes_with_a_parameter_or_table(rules_dir):
     assert load_rules(rules_dir).version not in (v, v2)
 
 
-# ---- a threshold edit changes a verdict -------------------------------------------------------------------------------
+# ---- a threshold edit changes a verdict -----------------------------------------------------------------------------
 
 
 class Collect:
@@ -283,7 +286,7 @@ def test_anc_threshold_edit_changes_the_verdict_for_anc_1_2(scenario_13, rules_d
     neutro = [a for a in bundled if a.rule == "ELIG-NEUTROPENIA"]
     assert len(neutro) == 1 and neutro[0].evidence["values"]["value"] == pytest.approx(1.2)
 
-    plant(rules_dir / "eligibility.yaml", "value: {lt: 1.5}", "value: {lt: 1.0}")
+    plant(rules_dir / "eligibility.yaml", "value: {lt: 1.5}", "value: {lt: 1.0}", after="- id: ELIG-NEUTROPENIA")
     lowered = load_rules(rules_dir)
     edited = run_scenario(lowered, header, events_path)
     assert [a for a in edited if a.rule == "ELIG-NEUTROPENIA"] == []
