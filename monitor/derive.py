@@ -9,6 +9,7 @@ and amended data simply change the facts, and the alerts follow.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +30,17 @@ def _iso(t: dt.datetime | None) -> str | None:
 
 def _r(x: float | None, nd: int = 6) -> float | None:
     return round(x, nd) if x is not None else None
+
+
+def analyte_lookup(params: Parameters) -> dict[str, str]:
+    """Analyte name or LOINC code → analyte (built once per rules version by the Deriver)."""
+    found: dict[str, str] = {}
+    for analyte, ids in params.lab_analytes.items():
+        found[analyte.lower()] = analyte
+        for i in ids:
+            found.setdefault(i, analyte)
+            found.setdefault(i.lower(), analyte)
+    return found
 
 
 @dataclass(frozen=True)
@@ -55,13 +67,14 @@ class SubjectView:
     """Read-only, lazily computed view of one subject's history for one evaluation."""
 
     def __init__(self, *, subject_id: str, site_id: str, arm: str | None, events: dict[str, list[Any]],
-                 params: Parameters, tables: Tables) -> None:
+                 params: Parameters, tables: Tables, analytes: dict[str, str] | None = None) -> None:
         self.subject_id = subject_id
         self.site_id = site_id
         self.arm = arm
         self.ev = events
         self.p = params
         self.t = tables
+        self.analytes = analytes if analytes is not None else analyte_lookup(params)
 
     # ---- anchors ------------------------------------------------------------------------------------------
     @cached_property
@@ -133,8 +146,16 @@ class SubjectView:
     def febrile(self, r: Reading) -> bool:
         return nm.is_febrile(r.corrected_c, self.p.temperature.febrile_at_or_above_c)
 
+    @cached_property
+    def _reading_times(self) -> list[dt.datetime]:
+        return [r.at for r in self.readings]
+
     def readings_in(self, start: dt.datetime, end: dt.datetime, *, open_start: bool = False) -> list[Reading]:
-        return [r for r in self.readings if (start < r.at if open_start else start <= r.at) and r.at <= end]
+        """Valid readings in [start, end] ((start, end] with open_start), by binary search on the sorted list."""
+        times = self._reading_times
+        lo = (bisect.bisect_right if open_start else bisect.bisect_left)(times, start)
+        hi = bisect.bisect_right(times, end)
+        return self.readings[lo:hi]
 
     def assessment_at(self, hx: dt.datetime) -> Reading | None:
         """febrile_at(Hx) (A-18): the valid reading closest to Hx in [Hx-2h, Hx+1h]; a tie takes the higher value."""
@@ -205,11 +226,7 @@ class SubjectView:
 
     # ---- labs -----------------------------------------------------------------------------------------------
     def analyte_of(self, e: LabResult) -> str | None:
-        name, code = e.analyte.strip().lower(), (e.loinc or "")
-        for analyte, ids in self.p.lab_analytes.items():
-            if code in ids or name in (i.lower() for i in ids) or name == analyte.lower():
-                return analyte
-        return None
+        return self.analytes.get(e.loinc or "") or self.analytes.get(e.analyte.strip().lower())
 
 
 @dataclass
@@ -224,6 +241,14 @@ class Deriver:
     def __init__(self, *, params: Parameters, tables: Tables) -> None:
         self.p = params
         self.t = tables
+        self._drug_classes: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._analytes = analyte_lookup(params)
+        self._match_cache: dict[tuple[Any, ...], bool] = {}
+
+    def view(self, state: Any) -> SubjectView:
+        """A fresh view of one subject's current events for one evaluation."""
+        return SubjectView(subject_id=state.subject_id, site_id=state.site_id, arm=state.arm, events=state.by_type(),
+                           params=self.p, tables=self.t, analytes=self._analytes)
 
     def derive(self, v: SubjectView, cutoff: dt.datetime | None) -> Derived:
         facts: list[Fact] = []
@@ -349,6 +374,13 @@ class Deriver:
         return best
 
     def _classify_drug(self, drug: str, atc: str | None) -> dict[str, Any]:
+        key = (drug, atc)
+        found = self._drug_classes.get(key)
+        if found is None:
+            found = self._drug_classes[key] = self._classify_uncached(drug, atc)
+        return found
+
+    def _classify_uncached(self, drug: str, atc: str | None) -> dict[str, Any]:
         name, code = drug.strip().lower(), (atc or "").strip().upper()
 
         def hit(names: list[str], codes: list[str], main: str) -> bool:
@@ -461,8 +493,14 @@ class Deriver:
 
     # ---- medication helpers -----------------------------------------------------------------------------------
     def _matches(self, drug: str, atc: str | None, prefixes: list[str], names: list[str]) -> bool:
-        code, name = (atc or "").upper(), drug.lower()
-        return (bool(code) and any(code.startswith(p.upper()) for p in prefixes)) or any(n.lower() in name for n in names)
+        key = (drug, atc, id(prefixes), id(names))
+        found = self._match_cache.get(key)
+        if found is None:
+            code, name = (atc or "").upper(), drug.lower()
+            found = (bool(code) and any(code.startswith(p.upper()) for p in prefixes)) or any(
+                n.lower() in name for n in names)
+            self._match_cache[key] = found
+        return found
 
     def _verdict_time(self, v: SubjectView) -> dt.datetime | None:
         """A-21: the primary verdict falls at the first afebrile reading after T0, else at T0 + 48 h."""
@@ -602,13 +640,20 @@ class Deriver:
     # ---- treatment course -------------------------------------------------------------------------------------
     def _discontinued_before(self, v: SubjectView, at: dt.datetime) -> bool:
         """Documented discontinuation: a serious AE, or rescue therapy after T0, before `at`."""
-        if any(e.serious and e.occurred_at <= at for e in v.ev.get("adverse_event", [])):
-            return True
-        for e in v.ev.get("drug_administration", []):
-            if v.t0 is not None and v.t0 <= e.occurred_at <= at and (
-                    self._matches(e.drug, e.atc, self.p.rescue_atc_prefixes, []) or v.is_ivig(e)):
-                return True
-        return False
+        first = self._discontinuation(v)
+        return first is not None and first <= at
+
+    def _discontinuation(self, v: SubjectView) -> dt.datetime | None:
+        cached = getattr(v, "_discontinuation_at", False)
+        if cached is not False:
+            return cached  # type: ignore[return-value]
+        times = [e.occurred_at for e in v.ev.get("adverse_event", []) if e.serious]
+        times += [e.occurred_at for e in v.ev.get("drug_administration", [])
+                  if v.t0 is not None and v.t0 <= e.occurred_at and not self.is_study_drug(v, e) and (
+                      self._matches(e.drug, e.atc, self.p.rescue_atc_prefixes, []) or v.is_ivig(e))]
+        found = min(times) if times else None
+        v._discontinuation_at = found  # type: ignore[attr-defined]
+        return found
 
     def _treatment_days(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.arm != "anakinra" or v.t0 is None:
@@ -938,9 +983,3 @@ class Deriver:
                             "study_day": float(nm.study_day(v.t0, r.at, v.zone)), "corrected_c": r.corrected_c},
                            {"events": [last_febrile.event_id, r.event_id], "previous_febrile_at": _iso(last_febrile.at)})
             last_febrile, seen_afebrile = r, False
-
-
-def build_view(*, state: Any, params: Parameters, tables: Tables) -> SubjectView:
-    return SubjectView(subject_id=state.subject_id, site_id=state.site_id, arm=state.arm, events=state.by_type(),
-                       params=params, tables=tables)
-

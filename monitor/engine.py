@@ -98,7 +98,7 @@ class RulesEngine:
         self._shard_hashes: list[set[int]] = []
         self._sids: dict[str, tuple[str, str]] = {}
         self._next_sid = 0
-        self._asserted: dict[str, dict[str, str]] = {}
+        self._asserted: dict[str, dict[str, dict[str, Any]]] = {}
         self._matches: dict[str, dict[str, set[str]]] = {}
         self._fired: list[tuple[str, str, str]] = []
         self.action_errors = 0
@@ -147,19 +147,18 @@ class RulesEngine:
         name, sid = self.session_of(subject_id)
         held = self._asserted.setdefault(subject_id, {})
         matches = self._matches.setdefault(subject_id, {})
-        wanted = {fid: json.dumps(msg, sort_keys=True) for fid, msg in facts.items()}
         for fid in sorted(held):
-            if wanted.get(fid) != held[fid]:
+            if facts.get(fid) != held[fid]:
                 if matches.pop(fid, None) is not None:
                     self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
                 del held[fid]
-        for fid in sorted(wanted):
+        for fid in sorted(facts):
             if fid in held:
                 continue
             message = dict(facts[fid], sid=sid, id=fid)
             self._fired.clear()
             handled = self._call(self._host.assert_fact, name, message)
-            held[fid] = wanted[fid]
+            held[fid] = dict(facts[fid])
             rules = {rule for rule, s, f in self._fired if s == sid and f == fid}
             stray = [(r, s, f) for r, s, f in self._fired if s != sid or f != fid]
             if stray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from monitor.alerts import Alert, AlertBook
 from monitor.clock import Clock, DeadlineScheduler
-from monitor.derive import Deriver, build_view
+from monitor.derive import Deriver
 from monitor.engine import RulesEngine
 from monitor.events import Event, canonical
 from monitor.rules import RuleSet
@@ -43,6 +43,7 @@ class Monitor:
         self.deadlines = DeadlineScheduler()
         self.stats = Stats()
         self._horizon: dt.datetime | None = None
+        self._facts_read = rules.facts_read()
 
     @classmethod
     def create(cls, *, rules: RuleSet, clock: Clock) -> "Monitor":
@@ -92,11 +93,10 @@ class Monitor:
 
     def evaluate_subject(self, subject_id: str) -> list[Alert]:
         state = self.subjects[subject_id]
-        view = build_view(state=state, params=self.rules.parameters, tables=self.rules.tables)
+        view = self.deriver.view(state)
         derived = self.deriver.derive(view, self.cutoff())
         facts = {f.fact_id: f for f in derived.facts}
-        read = self.rules.facts_read()
-        self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items() if f.name in read})
+        self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items() if f.name in self._facts_read})
         alerts = self.book.reconcile(
             subject_id=subject_id, site_id=state.site_id, matches=self.engine.matches(subject_id), facts=facts,
             rules=self.rules.rules, detected_at=self.clock.now().isoformat(), version=self.rules.version)

@@ -49,6 +49,7 @@ import datetime as dt
 import heapq
 import json
 import math
+import os
 import random
 import sys
 from collections import Counter
@@ -380,7 +381,7 @@ class _SubjectBuilder:
         if self.plan.arm == "anakinra":                             # the ladder decisions' readings
             reading(_r5(t0 + 12 * HOUR - rng.uniform(0, 40) * MINUTE), "protocol")
             reading(_r5(t0 + 24 * HOUR - rng.uniform(5, 60) * MINUTE), "protocol")
-        diary = rng.uniform(0.35, 0.7)                              # home diary after day 10: about half the days
+        diary = rng.uniform(0.3, 0.65)                             # home diary after day 10: about half the days
         for n in range(_INTENSIVE_DAYS + 1, self.days + 1):
             if rng.random() < diary:
                 reading(self.day_time(n, 7 * 60, 20 * 60), "diary")
@@ -595,6 +596,15 @@ def write_cohort(*, subjects: int, days: int, seed: int, sites: int = 5, deviati
     except ValueError as exc:
         print(f"protocol-monitor generate: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if output != "-":
+            raise
+        # the reader went away (`... | head`): not an error; keep the interpreter's exit-time flush quiet
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
     except OSError as exc:
         print(f"protocol-monitor generate: cannot write {output}: {exc}", file=sys.stderr)
         return 1
