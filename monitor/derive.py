@@ -67,7 +67,8 @@ class SubjectView:
     """Read-only, lazily computed view of one subject's history for one evaluation."""
 
     def __init__(self, *, subject_id: str, site_id: str, arm: str | None, events: dict[str, list[Any]],
-                 params: Parameters, tables: Tables, analytes: dict[str, str] | None = None) -> None:
+                 params: Parameters, tables: Tables, analytes: dict[str, str] | None = None,
+                 first_reported: dict[str, dt.datetime] | None = None) -> None:
         self.subject_id = subject_id
         self.site_id = site_id
         self.arm = arm
@@ -75,6 +76,7 @@ class SubjectView:
         self.p = params
         self.t = tables
         self.analytes = analytes if analytes is not None else analyte_lookup(params)
+        self.first_reported = first_reported or {}
 
     # ---- anchors ------------------------------------------------------------------------------------------
     @cached_property
@@ -248,7 +250,8 @@ class Deriver:
     def view(self, state: Any) -> SubjectView:
         """A fresh view of one subject's current events for one evaluation."""
         return SubjectView(subject_id=state.subject_id, site_id=state.site_id, arm=state.arm, events=state.by_type(),
-                           params=self.p, tables=self.t, analytes=self._analytes)
+                           params=self.p, tables=self.t, analytes=self._analytes,
+                           first_reported=state.first_reported())
 
     def derive(self, v: SubjectView, cutoff: dt.datetime | None) -> Derived:
         facts: list[Fact] = []
@@ -751,14 +754,15 @@ class Deriver:
         hours = self.p.safety.sae_report_hours
         for e in v.ev.get("adverse_event", []):
             aware = e.investigator_aware_at
-            delay = nm.hours_between(aware, e.recorded_at) if aware is not None else None
+            reported = v.first_reported.get(e.event_id, e.recorded_at)
+            delay = nm.hours_between(aware, reported) if aware is not None else None
             yield Fact("adverse_event", e.event_id,
                        {"at": _iso(e.occurred_at), "term": e.term.lower(), "meddra_pt": (e.meddra_pt or "").lower(),
                         "serious": e.serious, "seriousness": "serious" if e.serious else "non-serious",
                         "infection_type": (e.infection_type or "").lower(), "report_delay_hours": _r(delay, 2),
                         "report_due_at": _iso(aware + hours * H) if aware is not None else None,
                         "on_treatment": v.t0 is not None and e.occurred_at >= v.t0},
-                       {"events": [e.event_id], "recorded_at": _iso(e.recorded_at),
+                       {"events": [e.event_id], "first_reported_at": _iso(reported),
                         "investigator_aware_at": _iso(aware), "serious_criteria": list(e.serious_criteria)})
 
     def _lab_values(self, v: SubjectView, analyte: str) -> list[tuple[LabResult, float]]:
@@ -788,26 +792,32 @@ class Deriver:
                            {"at": _iso(e.occurred_at), "signal": "neutropenia", "analyte": "ANC", "value": _r(value, 4),
                             "grade": grade}, {"events": [e.event_id], "raw_value": e.value, "raw_unit": e.unit})
             in_episode = low
-        # hepatitis lab signal: ALT or AST >= 3 x ULN and >= 2 x pre-T0 baseline, once per episode
+        # hepatitis lab signal: ALT or AST >= 3 x ULN and >= 2 x its pre-T0 baseline; one episode for both
+        # analytes, ending on a later specimen where neither meets the signal
+        specimens: dict[dt.datetime, list[tuple[str, LabResult, float, float | None, float | None]]] = {}
         for analyte in ("ALT", "AST"):
             values = self._lab_values(v, analyte)
             baseline = [val for e, val in values if e.occurred_at <= v.t0]
             base = baseline[-1] if baseline else None
-            in_episode = False
             for e, value in values:
                 if e.occurred_at <= v.t0:
                     continue
                 uln = (e.reference_range or {}).get("high") or sp.default_uln_u_per_l.get(analyte)
                 ratio_uln = value / float(uln) if uln else None
                 ratio_base = value / base if base else None
-                hit = (ratio_uln is not None and ratio_uln >= sp.hepatitis_uln_multiple - nm.TOLERANCE) and (
-                    ratio_base is None or ratio_base >= sp.hepatitis_baseline_multiple - nm.TOLERANCE)
-                if hit and not in_episode:
-                    yield Fact("lab_signal", f"hepatitis:{e.event_id}",
-                               {"at": _iso(e.occurred_at), "signal": "hepatitis", "analyte": analyte, "value": value,
-                                "grade": "major", "ratio_uln": _r(ratio_uln, 3), "ratio_baseline": _r(ratio_base, 3)},
-                               {"events": [e.event_id], "uln": uln, "baseline": base})
-                in_episode = hit
+                specimens.setdefault(e.occurred_at, []).append((analyte, e, value, ratio_uln, ratio_base))
+        in_episode = False
+        for at in sorted(specimens):
+            hits = [x for x in specimens[at]
+                    if x[3] is not None and x[3] >= sp.hepatitis_uln_multiple - nm.TOLERANCE
+                    and (x[4] is None or x[4] >= sp.hepatitis_baseline_multiple - nm.TOLERANCE)]
+            if hits and not in_episode:
+                analyte, e, value, ratio_uln, ratio_base = max(hits, key=lambda x: x[3])  # type: ignore[arg-type,return-value]
+                yield Fact("lab_signal", f"hepatitis:{e.event_id}",
+                           {"at": _iso(e.occurred_at), "signal": "hepatitis", "analyte": analyte, "value": value,
+                            "grade": "major", "ratio_uln": _r(ratio_uln, 3), "ratio_baseline": _r(ratio_base, 3)},
+                           {"events": [x[1].event_id for x in hits]})
+            in_episode = bool(hits)
         # MAS lab pattern (2016 criteria) around each post-T0 ferritin, once per episode
         window = sp.mas_lab_window_hours * H
         others = {a: self._lab_values(v, a) for a in ("platelets", "AST", "triglycerides", "fibrinogen")}

@@ -21,6 +21,7 @@ class Stored:
     event: Event
     canonical: str
     seq: int
+    first_recorded_at: Any = None  # when this event_id was first reported (amendments keep it)
 
 
 @dataclass
@@ -41,13 +42,20 @@ class SubjectState:
                 return Applied.DUPLICATE
             if event.recorded_at < held.event.recorded_at:
                 return Applied.SUPERSEDED
-        self.events[event.event_id] = Stored(event, canonical, self._seq)
+        first = held.first_recorded_at if held is not None else event.recorded_at
+        if held is not None and event.recorded_at < first:
+            first = event.recorded_at
+        self.events[event.event_id] = Stored(event, canonical, self._seq, first)
         self.site_id = event.site_id
         if event.type == "enrollment" and event.arm:
             self.arm = event.arm
         elif self.arm is None and event.arm:
             self.arm = event.arm
         return Applied.AMENDED if held is not None else Applied.NEW
+
+    def first_reported(self) -> dict[str, Any]:
+        """event_id → when it was first reported (an SAE corrected later was still reported on time)."""
+        return {eid: stored.first_recorded_at for eid, stored in self.events.items()}
 
     def by_type(self) -> dict[str, list[Event]]:
         """Current versions grouped by type, each list in event-time order (ties: event_id, for determinism)."""
