@@ -277,8 +277,9 @@ class Deriver:
         enr = v.enrollment
         weight, source = v.weight_at(enr.occurred_at + self.p.eligibility_lab_after_enrollment_hours * H)
         if weight is None:
+            limit = v.t0 or (enr.occurred_at + self.p.eligibility_lab_after_enrollment_hours * H)
             for e in v.ev.get("drug_administration", []):
-                if e.weight_kg:
+                if e.weight_kg and e.occurred_at <= limit:
                     weight, source = e.weight_kg, f"dose record {e.event_id}"
                     break
         yield Fact("weight_status", "enrollment",
@@ -291,8 +292,14 @@ class Deriver:
             if t.valid:
                 continue
             value = e.temperature_c if e.temperature_c is not None else e.value
+            unit = "Cel" if e.temperature_c is not None else (e.unit or "(none)")
+            if t.problem == "unit_unrecognized":
+                yield Fact("unit_quality", e.event_id,
+                           {"at": _iso(e.occurred_at), "analyte": "body_temperature", "unit": unit, "value": value},
+                           {"events": [e.event_id]})
+                continue
             yield Fact("temperature_quality", e.event_id,
-                       {"at": _iso(e.occurred_at), "problem": t.problem, "value": value, "unit": e.unit or "Cel",
+                       {"at": _iso(e.occurred_at), "problem": t.problem, "value": value, "unit": unit,
                         "site": t.site or "missing"},
                        {"events": [e.event_id], "celsius": _r(t.celsius, 2)})
 
@@ -461,7 +468,9 @@ class Deriver:
             yield Fact("medication_exposure", e.event_id, values, evidence)
 
     def is_study_drug(self, v: SubjectView, e: DrugAdministration) -> bool:
-        return (v.arm == "anakinra" and v.is_anakinra(e)) or (
+        """Study treatment of the subject's own arm; a non-study anakinra dose before T0 is prior biotherapy."""
+        on_study = e.study_drug or (v.t0 is not None and e.occurred_at >= v.t0)
+        return (v.arm == "anakinra" and v.is_anakinra(e) and on_study) or (
             v.arm == "ivig" and v.is_ivig(e) and (e.purpose or "") == "study_treatment_retreatment")
 
     def _restricted_end(self, v: SubjectView) -> dt.datetime | None:

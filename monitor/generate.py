@@ -19,10 +19,12 @@ One subject, in event time:
     dosing day 2; otherwise the previous level; the same level once daily to day 14;
   - IVIG arm: one 2 g/kg retreatment infusion (`purpose = study_treatment_retreatment`);
 * temperatures every 4-6 h while febrile and every 8-12 h once afebrile for the first 10 study days (a protocol
-  reading just before H12 and H24 in the anakinra arm), then one home-diary reading on most days; defervescence
-  12-40 h after T0 for most subjects, a few early responders, a few late (40-47 h) and ~4 % non-responders
-  (> 48 h: ENDPOINT-PRIMARY-FAILURE, an info notice, not a deviation); ~3 % have a short secondary fever after
-  day 4 (FEVER-SECONDARY, info);
+  reading just before H12 and H24 in the anakinra arm), then a home-diary reading on 30-65 % of days (varies by
+  subject); defervescence 12-40 h after T0 for most subjects, a few early responders, a few late (40-47 h) and
+  ~4 % non-responders (50-90 h). About 6 % have no afebrile reading by T0 + 48 h (late defervescers whose next
+  reading falls after 48 h, and the non-responders): ENDPOINT-PRIMARY-FAILURE, an info notice, not a deviation.
+  ~3 % have a short secondary fever after day 4 (FEVER-SECONDARY, info); ~3 % have a small coronary aneurysm at
+  screening that persists at D45 (ENDPOINT-CORONARY-D45, info);
 * visits D2, D3, D4, D6, D7, D14, D30, D45, D60 inside their A-17 windows; CRP at D3/D4, D7, D14, D30, D45; ANC at
   D3, D7, D14; ALT/AST at D7, D14; echocardiograms at screening, D14 and D45; weight again at D30 and D60.
 
@@ -552,10 +554,19 @@ def subject_events(plan: SubjectPlan, days: int) -> list[dict[str, Any]]:
 
 def generate(*, subjects: int, days: int, seed: int, sites: int = 5,
              deviation_rate: float = 0.2) -> Iterator[dict[str, Any]]:
-    """Yield a synthetic cohort's events in delivery order (ascending `recorded_at`, stable ties)."""
+    """Yield a synthetic cohort's events in delivery order (ascending `recorded_at`, stable ties).
+
+    Raises ValueError at once (not at the first `next`) for impossible parameters."""
+    _check(subjects=subjects, days=days, sites=sites, deviation_rate=deviation_rate)
+    return _merge(cohort_plan(subjects=subjects, seed=seed, sites=sites, deviation_rate=deviation_rate), days)
+
+
+def _check(*, subjects: int, days: int, sites: int, deviation_rate: float) -> None:
     if subjects < 0 or days < 1 or sites < 1 or not 0.0 <= deviation_rate <= 1.0:
         raise ValueError("need subjects >= 0, days >= 1, sites >= 1 and 0 <= deviation_rate <= 1")
-    plans = cohort_plan(subjects=subjects, seed=seed, sites=sites, deviation_rate=deviation_rate)
+
+
+def _merge(plans: list[SubjectPlan], days: int) -> Iterator[dict[str, Any]]:
     heap: list[tuple[int, int, int, dict[str, Any]]] = []
     nxt = 0
     while nxt < len(plans) or heap:
@@ -574,6 +585,7 @@ def write_cohort(*, subjects: int, days: int, seed: int, sites: int = 5, deviati
                  output: str = "-") -> int:
     """Write the cohort as JSON Lines to `output` ('-' = standard output); a one-line summary goes to stderr."""
     try:
+        _check(subjects=subjects, days=days, sites=sites, deviation_rate=deviation_rate)
         plans = cohort_plan(subjects=subjects, seed=seed, sites=sites, deviation_rate=deviation_rate)
         events = generate(subjects=subjects, days=days, seed=seed, sites=sites, deviation_rate=deviation_rate)
         count = 0
