@@ -271,17 +271,27 @@ class Deriver:
         return Derived(facts, min(pending) if pending else None)
 
     # ---- data quality ---------------------------------------------------------------------------------------
+    def _baseline_weight(self, v: SubjectView) -> tuple[float | None, str]:
+        """Weight at enrollment from any source: enrollment, an observation, or a dose record up to T0."""
+        enr = v.enrollment
+        if enr is None:
+            return None, "none"
+        limit = enr.occurred_at + self.p.eligibility_lab_after_enrollment_hours * H
+        weight, source = v.weight_at(limit)
+        if weight is None:
+            for e in v.ev.get("drug_administration", []):
+                if e.weight_kg and e.occurred_at <= (v.t0 or limit):
+                    return e.weight_kg, f"dose record {e.event_id}"
+        return weight, source
+
+    def _weight_known(self, v: SubjectView) -> bool:
+        return v.enrollment is None or self._baseline_weight(v)[0] is not None
+
     def _weight(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.enrollment is None:
             return
         enr = v.enrollment
-        weight, source = v.weight_at(enr.occurred_at + self.p.eligibility_lab_after_enrollment_hours * H)
-        if weight is None:
-            limit = v.t0 or (enr.occurred_at + self.p.eligibility_lab_after_enrollment_hours * H)
-            for e in v.ev.get("drug_administration", []):
-                if e.weight_kg and e.occurred_at <= limit:
-                    weight, source = e.weight_kg, f"dose record {e.event_id}"
-                    break
+        weight, source = self._baseline_weight(v)
         yield Fact("weight_status", "enrollment",
                    {"at": _iso(enr.occurred_at), "weight_known": weight is not None, "weight_kg": weight,
                     "weight_source": source},
@@ -545,14 +555,20 @@ class Deriver:
             ends = last if last is not None else None
             out["active_in_restricted"] = bool(restricted_end is not None and start <= restricted_end
                                                and (ends is None or ends >= v.t0))
-        if source == "drug_administration" and v.t0 is not None and start >= v.t0:
-            rescue = self._matches(e.drug, e.atc, p.rescue_atc_prefixes, []) or (
-                v.arm == "anakinra" and v.is_ivig(e))
+        enr = v.enrollment
+        randomised = enr is not None and start >= enr.occurred_at
+        if source == "drug_administration":
+            out["other_arm_study_drug"] = v.arm == "ivig" and v.is_anakinra(e) and (
+                randomised or (v.t0 is not None and start >= v.t0))
+        if v.t0 is not None and start >= v.t0:
+            routes = {r.lower() for r in p.systemic_routes}
+            rescue = (self._matches(e.drug, e.atc, p.rescue_atc_prefixes, p.rescue_names)
+                      and (e.route or "").strip().lower() in routes) or (
+                v.arm == "anakinra" and source == "drug_administration" and v.is_ivig(e))
             verdict = self._verdict_time(v)
-            purpose = (e.purpose or "").lower()
+            purpose = (getattr(e, "purpose", None) or getattr(e, "indication", None) or "").lower()
             out.update(rescue=rescue, before_verdict=verdict is not None and start < verdict,
-                       for_sae=any(w in purpose for w in p.rescue_for_sae_words),
-                       other_arm_study_drug=v.arm == "ivig" and v.is_anakinra(e))
+                       for_sae=any(w in purpose for w in p.rescue_for_sae_words))
         return out
 
     # ---- enrollment -------------------------------------------------------------------------------------------
@@ -874,8 +890,8 @@ class Deriver:
 
     def _anakinra_doses(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         doses = v.anakinra_doses
-        if not doses:
-            return
+        if not doses or not self._weight_known(v):
+            return  # §2.7: with no weight at all every mg/kg rule is indeterminate (only DQ-WEIGHT-MISSING)
         totals: dict[int, float | None] = {}
         levels = v.day_levels
         for i, d in enumerate(doses):
@@ -948,18 +964,21 @@ class Deriver:
                        {"events": [v.t0_id, *[r.event_id for r in late]], "t0": _iso(v.t0)})
 
     def _last_escalation(self, v: SubjectView) -> Dose | None:
-        """A′ (A-6): the H12 supplement or the escalated H24 dose, the later of those given."""
+        """A′ (A-6): the last initial-ladder escalation, i.e. the day-1 or day-2 administration that raised its
+        day's total above the base (4 on day 1, max(4, day-1 level) on day 2) × the escalation ratio. Topping an
+        under-dose up to 4 is a correction, not an escalation."""
         last = None
+        ratio = self.p.escalation_ratio
+        totals = {1: 0.0, 2: 0.0}
         l1 = v.day_levels.get(1)
-        day2 = 0.0
-        for i, d in enumerate(v.anakinra_doses):
+        for d in v.anakinra_doses:
             day = v.dosing_day(d.at)
-            if day == 1 and i > 0:
+            if day not in totals or d.mg_per_kg is None:
+                continue
+            base = 4.0 if day == 1 else max(4.0, l1 or 0.0)
+            before, totals[day] = totals[day], totals[day] + d.mg_per_kg
+            if totals[day] > base * ratio + nm.TOLERANCE and before <= base * ratio + nm.TOLERANCE:
                 last = d
-            elif day == 2 and d.mg_per_kg is not None:
-                day2 += d.mg_per_kg
-                if l1 is not None and day2 > l1 * 1.1 + nm.TOLERANCE:
-                    last = d
         return last
 
     def _endpoints(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:

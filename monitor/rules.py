@@ -235,6 +235,8 @@ class Parameters(_Strict):
     coronary_z_category_bounds: list[float]
     d45_echo_days: tuple[int, int]
     rescue_atc_prefixes: list[str]
+    rescue_names: list[str]
+    escalation_ratio: float
     rescue_for_sae_words: list[str]
     antipyretic_atc_prefixes: list[str]
     antipyretic_names: list[str]
