@@ -18,5 +18,8 @@ if ! command -v gcc >/dev/null 2>&1; then
   exit 2
 fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS:-}]" 2>&1 | grep -v -e '^WARNING: Location' -e '^$' || true
+target="."
+[ -n "${EXTRAS:-}" ] && target=".[${EXTRAS}]"
+echo "installing into .venv (the first time builds durable_rules' C core: about a minute) ..." >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check -e "$target" 2>&1 | grep -v -e '^WARNING: Location' -e '^$' >&2 || true
 .venv/bin/python -c 'import durable, monitor' || { echo "error: installation failed" >&2; exit 2; }
