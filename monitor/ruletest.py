@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from connectors.memory import ListSink, MemorySource
 from monitor.clock import ReplayClock
 from monitor.errors import RuleFileError
 from monitor.evaluator import Monitor
@@ -215,8 +215,8 @@ def run_test(test: RuleTest, base: Base, rules: RuleSet, *, path: str = "", line
         return result
     clock = ReplayClock()
     monitor = Monitor.create(rules=rules, clock=clock)
-    sink, rejects = _Collect(), _Collect()
-    replay(source=_Events(events), monitor=monitor, clock=clock, alerts=sink, rejects=rejects, until=horizon)
+    sink, rejects = ListSink(), ListSink()
+    replay(source=MemorySource(events=events), monitor=monitor, clock=clock, alerts=sink, rejects=rejects, until=horizon)
     for record, error in rejects.items:
         result.problems.append(f"event rejected: {error}")
     withdrawn = {a.alert_id for a in sink.items if a.status == "retracted"}
@@ -246,35 +246,3 @@ def run_test(test: RuleTest, base: Base, rules: RuleSet, *, path: str = "", line
 
 def run_suite(suite: Suite, rules: RuleSet) -> list[TestResult]:
     return [run_test(t, suite.bases[t.base], rules, path=p, line=line) for p, line, t in suite.tests]
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    def add(self, *item: Any) -> None:
-        self.items.append(item[0] if len(item) == 1 else item)
-
-    def flush(self) -> None:
-        pass
-
-
-class _Events:
-    """A source over in-memory event dicts (what a rule test feeds the monitor)."""
-
-    def __init__(self, events: list[dict[str, Any]]) -> None:
-        self.events = events
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        from connectors.base import RawRecord
-
-        for i, ev in enumerate(self.events):
-            yield RawRecord(value=json.dumps(ev, default=_iso).encode(), origin=f"test event {i + 1}")
-
-
-
-def _iso(value: Any) -> str:
-    """YAML reads 2021-05-03 as a date: send it as ISO text, as a real feed would."""
-    if isinstance(value, (dt.date, dt.datetime)):
-        return value.isoformat()
-    raise TypeError(f"cannot send {type(value).__name__} in an event")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
-
 import pytest
 
 from connectors.file import JsonLinesSource
+from connectors.memory import ListSink
 from monitor.clock import ReplayClock
 from monitor.evaluator import Monitor
 from monitor.replay import replay
@@ -17,17 +16,6 @@ from monitor.rules import RuleSet, load_rules
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SCENARIOS = sorted((SHARED / "scenarios").glob("*.jsonl"))
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    def add(self, *item: Any) -> None:
-        self.items.append(item[0] if len(item) == 1 else item)
-
-    def flush(self) -> None:
-        pass
 
 
 def run_events(events: list[dict] | Path, *, until: str | None = None, rules: RuleSet | None = None,
