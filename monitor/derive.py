@@ -77,6 +77,7 @@ class SubjectView:
         self.t = tables
         self.analytes = analytes if analytes is not None else analyte_lookup(params)
         self.first_reported = first_reported or {}
+        self.cache: dict[str, Any] = {}  # per-evaluation values the Deriver computes once
 
     # ---- anchors ------------------------------------------------------------------------------------------
     @cached_property
@@ -672,15 +673,14 @@ class Deriver:
         return first is not None and first <= at
 
     def _discontinuation(self, v: SubjectView) -> dt.datetime | None:
-        cached = getattr(v, "_discontinuation_at", False)
-        if cached is not False:
-            return cached  # type: ignore[return-value]
+        if "discontinuation" in v.cache:
+            return v.cache["discontinuation"]  # type: ignore[no-any-return]
         times = [e.occurred_at for e in v.ev.get("adverse_event", []) if e.serious]
         times += [e.occurred_at for e in v.ev.get("drug_administration", [])
                   if v.t0 is not None and v.t0 <= e.occurred_at and not self.is_study_drug(v, e) and (
                       self._matches(e.drug, e.atc, self.p.rescue_atc_prefixes, []) or v.is_ivig(e))]
         found = min(times) if times else None
-        v._discontinuation_at = found  # type: ignore[attr-defined]
+        v.cache["discontinuation"] = found
         return found
 
     def _treatment_days(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
