@@ -1,0 +1,92 @@
+"""The service configuration: one pydantic-settings model.
+
+Sources, highest first: command-line flags, environment variables (`PROTOCOL_MONITOR_…`, nested with `__`, e.g.
+`PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD`), the YAML file given with `--config`, the defaults below.
+Secrets come from the environment or files only and are never printed (`SecretStr`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from monitor.errors import ConfigError
+
+
+class KafkaSecurity(BaseModel):
+    """Passed through to kafka-python (names as in its KafkaConsumer/KafkaProducer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism", "sasl_plain_username"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            out["ssl_check_hostname"] = self.ssl_check_hostname
+        if self.sasl_plain_password is not None:
+            out["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        return out
+
+
+class Settings(BaseSettings):
+    """Everything `protocol-monitor run` needs; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="PROTOCOL_MONITOR_", env_nested_delimiter="__", extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    events_topic: str = "clinical-events"
+    alerts_topic: str = "protocol-alerts"
+    dead_letter_topic: str = "clinical-events-dead-letter"
+    group_id: str = "protocol-monitor"
+    client_id: str = "protocol-monitor"
+    rules: str | None = Field(default=None, description="rules directory (default: the bundled rules/)")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 = no metrics endpoint")
+    metrics_host: str = "127.0.0.1"
+    clock: Literal["wall", "stream"] = Field(
+        default="wall", description="wall: live deadlines; stream: the events' recorded_at (replaying history)")
+    tick_seconds: float = Field(default=0.5, gt=0, le=60, description="how often deadlines are checked when idle")
+    poll_max_records: int = Field(default=500, ge=1)
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 3000
+    max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    kafka: KafkaSecurity = Field(default_factory=KafkaSecurity)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, file_secret_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(*, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings from a YAML file, the environment and explicit overrides (flags). Raises ConfigError."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"configuration file not found: {config_file}")
+    model: type[Settings] = Settings
+    if config_file is not None:
+        model = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config_file}})
+    try:
+        return model(**{k: v for k, v in (overrides or {}).items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise ConfigError(f"invalid configuration: {problems}") from None
