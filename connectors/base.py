@@ -17,6 +17,11 @@ class RawRecord:
     value: bytes
     origin: str
     headers: dict[str, bytes] = field(default_factory=dict)
+    key: bytes | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    timestamp_ms: int | None = None
 
 
 class Source(Protocol):

@@ -60,6 +60,11 @@ class AlertBook:
         books = [self._open.get(subject_id, {})] if subject_id else list(self._open.values())
         return [a for book in books for a in book.values()]
 
+    def forget(self, subject_id: str) -> None:
+        self._open.pop(subject_id, None)
+        for key in [k for k in self._occurrences if k[1] == subject_id]:
+            del self._occurrences[key]
+
     def reconcile(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
                   rules: dict[str, Rule], detected_at: str, version: str) -> list[Alert]:
         book = self._open.setdefault(subject_id, {})

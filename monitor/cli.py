@@ -44,6 +44,32 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from monitor.config import load_settings
+    from monitor.service import run_service
+
+    overrides = {name: getattr(args, name) for name in (
+        "bootstrap_servers", "events_topic", "alerts_topic", "dead_letter_topic", "group_id", "metrics_port",
+        "rules", "clock")}
+    settings = load_settings(config_file=args.config, overrides=overrides)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        logging.getLogger("monitor").warning("signal %d: finishing the current batch, then stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    service = run_service(settings, stop=stop)
+    print(f"stopped: {service.stats}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
@@ -103,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation horizon: after the input, deadlines up to this instant are evaluated")
     p.add_argument("--rules", default=None, metavar="DIR", help="rules directory (default: the bundled rules/)")
     p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("run", help="run the service: events from Kafka, alerts and dead letters to Kafka")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
+    p.add_argument("--bootstrap-servers", default=None)
+    p.add_argument("--events-topic", default=None)
+    p.add_argument("--alerts-topic", default=None)
+    p.add_argument("--dead-letter-topic", default=None)
+    p.add_argument("--group-id", default=None)
+    p.add_argument("--metrics-port", type=int, default=None, help="0 = off")
+    p.add_argument("--rules", default=None, metavar="DIR")
+    p.add_argument("--clock", choices=["wall", "stream"], default=None,
+                   help="wall: live deadlines (default); stream: the events' recorded_at")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("demo", help="replay the bundled demo cohort and print its alerts (no external services)")
     p.add_argument("--rules", default=None, metavar="DIR")

@@ -78,6 +78,12 @@ class Monitor:
         due += self.deadlines.pop_due(self.clock.now())
         return self._evaluate(set(due))
 
+    def drop_subject(self, subject_id: str) -> None:
+        """Forget a subject whose partition moved to another instance (its engine session is left idle)."""
+        self.subjects.pop(subject_id, None)
+        self.book.forget(subject_id)
+        self.deadlines.set(subject_id, None)
+
     # ---- evaluation -------------------------------------------------------------------------------------------
     def cutoff(self) -> dt.datetime:
         cut = self.clock.now() - self.grace

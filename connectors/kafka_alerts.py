@@ -1,0 +1,77 @@
+"""The alerts topic as a sink: alert records as JSON keyed by subject id, written with acks=all.
+
+`flush()` returns only when the broker has acknowledged every record added, and raises if any failed: the service
+commits event offsets after it. `published_alerts()` reads the topic back so a restarted monitor never publishes
+an alert record twice.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from monitor.alerts import Alert
+from monitor.config import Settings
+from monitor.errors import MonitorError
+
+
+class AlertPublishError(MonitorError):
+    """The broker did not acknowledge an alert; offsets are not committed past it."""
+
+
+class KafkaAlertSink:
+    def __init__(self, *, settings: Settings, producer: KafkaProducer | None = None) -> None:
+        self.topic = settings.alerts_topic
+        self.producer = producer or KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers, client_id=f"{settings.client_id}-alerts", acks="all",
+            retries=5, linger_ms=2, max_in_flight_requests_per_connection=1, **settings.kafka.client_options())
+        self._futures: list = []
+
+    def add(self, alert: Alert) -> None:
+        headers = [("alert_id", alert.alert_id.encode()), ("status", alert.status.encode()),
+                   ("rule", alert.rule.encode())]
+        self._futures.append(self.producer.send(self.topic, key=alert.subject_id.encode("utf-8"),
+                                                value=alert.to_json().encode("utf-8"), headers=headers))
+
+    def flush(self) -> None:
+        futures, self._futures = self._futures, []
+        if not futures:
+            return
+        self.producer.flush()
+        for f in futures:
+            try:
+                f.get(timeout=30)
+            except Exception as exc:
+                raise AlertPublishError(f"alert not acknowledged by the broker: {exc}") from exc
+
+    def close(self) -> None:
+        self.producer.close(timeout=5)
+
+
+def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> set[tuple[str, str]]:
+    """Every (alert_id, status) already on the alerts topic, read from the beginning to the current end."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                             group_id=None, client_id=f"{settings.client_id}-recovery",
+                             **settings.kafka.client_options())
+    try:
+        parts = consumer.partitions_for_topic(settings.alerts_topic) or set()
+        tps = [TopicPartition(settings.alerts_topic, p) for p in sorted(parts)]
+        if not tps:
+            return set()
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        seen: set[tuple[str, str]] = set()
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise AlertPublishError("could not read the alerts topic back in time; refusing to start")
+            for msgs in consumer.poll(timeout_ms=500).values():
+                for m in msgs:
+                    h = dict(m.headers or [])
+                    if b"alert_id" in h and b"status" in h:
+                        seen.add((h[b"alert_id"].decode(), h[b"status"].decode()))
+        return seen
+    finally:
+        consumer.close()

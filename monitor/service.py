@@ -1,0 +1,205 @@
+"""The long-running service: events from Kafka in, alerts to Kafka out, at least once and never twice.
+
+Per poll: each record is parsed (bad ones go to the dead-letter topic with their original bytes), applied to the
+monitor, and deadlines that fell due are evaluated. Then the alert records are published and acknowledged, the
+dead letters too, and only then are the consumed offsets committed. Alert ids are deterministic and the service
+reads the alerts topic back at start, so a record it already published is never published again.
+
+Time: in `wall` mode the processing time of an event is its broker timestamp and, between events, the wall clock,
+so a missed H12 escalation is alerted within `tick_seconds` of deadline + grace. In `stream` mode it is the events'
+`recorded_at` (replaying history through Kafka). On partition assignment the subjects of those partitions are
+rebuilt by reading the partitions from the beginning; on revocation they are dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kafka import TopicPartition
+
+from connectors.base import AlertSink, RawRecord, RejectSink
+from monitor.alerts import Alert
+from monitor.clock import ReplayClock
+from monitor.config import Settings
+from monitor.errors import EventRejected
+from monitor.evaluator import Monitor
+from monitor.events import decode, parse_event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceState:
+    """What the service knows about its partitions: for readiness and for dropping subjects on revocation."""
+
+    rebuild_until: dict[TopicPartition, int] = field(default_factory=dict)
+    subjects_by_partition: dict[TopicPartition, set[str]] = field(default_factory=dict)
+    ready: bool = False
+
+
+class MonitorService:
+    def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock, alerts: AlertSink,
+                 dead_letters: RejectSink, published: set[tuple[str, str]],
+                 on_alert: Callable[[Alert], None] | None = None) -> None:
+        self.settings = settings
+        self.monitor = monitor
+        self.clock = clock
+        self.alerts = alerts
+        self.dead_letters = dead_letters
+        self.published = published
+        self.on_alert = on_alert
+        self.state = ServiceState()
+        self.source = None  # set by attach()
+        self._newly_assigned: list[TopicPartition] = []
+        self.stats = {"events": 0, "rejected": 0, "alerts_published": 0, "alerts_suppressed": 0}
+
+    # ---- partitions -------------------------------------------------------------------------------------------
+    # kafka-python 3 runs rebalance listeners on its IO thread, where no blocking call is allowed: the listener
+    # only records what changed, and the loop acts on it after poll returns.
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        self._newly_assigned.extend(tps)
+
+    def on_revoked(self, tps: list[TopicPartition]) -> None:
+        """Drop the subjects of revoked partitions (in memory only; offsets were committed after each poll)."""
+        for tp in tps:
+            for subject in self.state.subjects_by_partition.pop(tp, set()):
+                self.monitor.drop_subject(subject)
+            self.state.rebuild_until.pop(tp, None)
+            if tp in self._newly_assigned:
+                self._newly_assigned.remove(tp)
+        if tps:
+            log.info("revoked partitions %s; their subjects were dropped", sorted(t.partition for t in tps))
+
+    def _start_rebuilds(self) -> set[TopicPartition]:
+        """Newly assigned partitions are read again from their beginning to rebuild their subjects' state."""
+        tps, self._newly_assigned = list(self._newly_assigned), []
+        if not tps or self.source is None:
+            return set()
+        ends = self.source.end_offsets(tps)
+        for tp in tps:
+            self.state.rebuild_until[tp] = ends.get(tp, 0)
+            self.state.subjects_by_partition.setdefault(tp, set())
+        self.source.seek_to_beginning(tps)
+        log.info("assigned partitions %s; rebuilding their subjects from the beginning (%d records)",
+                 sorted(t.partition for t in tps), sum(ends.values()))
+        return set(tps)
+
+    def attach(self, source) -> None:  # type: ignore[no-untyped-def]
+        self.source = source
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def step(self, records: list[RawRecord]) -> None:
+        """Process one poll's records, publish what they caused, then commit their offsets."""
+        produced: list[Alert] = []
+        offsets: dict[TopicPartition, int] = {}
+        batch: list = []
+
+        def flush_batch() -> None:
+            if batch:
+                produced.extend(self.monitor.ingest(list(batch)))
+                batch.clear()
+
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            offsets[tp] = int(rec.offset) + 1  # type: ignore[arg-type]
+            try:
+                payload = decode(rec.value)
+                event = parse_event(payload)
+            except EventRejected as exc:
+                self.stats["rejected"] += 1
+                log.warning("rejected %s: %s", rec.origin, exc.reason)
+                self.dead_letters.add(rec, exc)
+                continue
+            self.stats["events"] += 1
+            self.state.subjects_by_partition.setdefault(tp, set()).add(event.subject_id)
+            if batch and batch[0][0].recorded_at != event.recorded_at:
+                flush_batch()
+            if not batch:
+                self._advance(rec, event.recorded_at)
+                produced.extend(self.monitor.tick())
+            batch.append((event, payload))
+        flush_batch()
+        if self.settings.clock == "wall":
+            self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
+        produced.extend(self.monitor.tick())
+        self._publish(produced)
+        self.dead_letters.flush()
+        self._commit(offsets)
+
+    def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
+        if self.settings.clock == "stream" or rec.timestamp_ms is None or rec.timestamp_ms < 0:
+            self.clock.advance_to(recorded_at)
+        else:
+            self.clock.advance_to(dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc))
+
+    def _publish(self, produced: list[Alert]) -> None:
+        fresh = []
+        for alert in produced:
+            key = (alert.alert_id, alert.status)
+            if key in self.published:
+                self.stats["alerts_suppressed"] += 1
+                continue
+            self.alerts.add(alert)
+            fresh.append(alert)
+        self.alerts.flush()  # raises if the broker did not acknowledge: nothing is committed then
+        for alert in fresh:
+            self.published.add((alert.alert_id, alert.status))
+            self.stats["alerts_published"] += 1
+            if self.on_alert is not None:
+                self.on_alert(alert)
+
+    def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.source is None:
+            return
+        done = {tp: off for tp, off in offsets.items() if off >= self.state.rebuild_until.get(tp, 0)}
+        for tp in list(self.state.rebuild_until):
+            if tp in offsets and offsets[tp] >= self.state.rebuild_until[tp]:
+                del self.state.rebuild_until[tp]
+        self.source.commit(done)
+        self.state.ready = not self.state.rebuild_until and bool(self.source.assignment())
+
+    def run(self, stop: threading.Event) -> None:
+        assert self.source is not None
+        timeout_ms = int(self.settings.tick_seconds * 1000)
+        while not stop.is_set():
+            records = self.source.poll(timeout_ms)
+            rebuilding = self._start_rebuilds()
+            if rebuilding:  # records fetched from the committed position are read again from the beginning
+                records = [r for r in records if TopicPartition(r.topic, r.partition) not in rebuilding]
+            self.step(records)
+        log.info("stopping: offsets committed up to the last acknowledged alerts")
+
+
+def run_service(settings: Settings, *, stop: threading.Event,
+                on_alert: Callable[[Alert], None] | None = None) -> MonitorService:
+    """Build the service from settings and run it until `stop` is set. Returns the service (for its stats)."""
+    from connectors.kafka_alerts import KafkaAlertSink, published_alerts
+    from connectors.kafka_dead_letter import KafkaDeadLetterSink
+    from connectors.kafka_events import KafkaEventSource
+    from monitor.rules import load_rules
+
+    rules = load_rules(settings.rules)
+    clock = ReplayClock()
+    monitor = Monitor.create(rules=rules, clock=clock)
+    started = time.monotonic()
+    published = published_alerts(settings=settings)
+    log.info("rules version %s loaded (%d rules); %d alert records already published (read in %.1f s)",
+             rules.version, len(rules.rules), len(published), time.monotonic() - started)
+    alerts = KafkaAlertSink(settings=settings)
+    dead = KafkaDeadLetterSink(settings=settings)
+    service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=alerts, dead_letters=dead,
+                             published=published, on_alert=on_alert)
+    source = KafkaEventSource(settings=settings, on_assigned=service.on_assigned, on_revoked=service.on_revoked)
+    service.attach(source)
+    try:
+        service.run(stop)
+    finally:
+        source.close()
+        alerts.close()
+        dead.close()
+    return service

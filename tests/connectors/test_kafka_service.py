@@ -1,0 +1,109 @@
+"""The service against a real Kafka-protocol broker on loopback (Tansu, started and stopped by the tests)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections import Counter
+
+import pytest
+
+from monitor.broker import LocalBroker
+from tests.conftest import SHARED, load_scenario
+from tests.connectors.kafkatools import (
+    ServiceProcess, alert_records, create_topics, events_as_records, final_pairs, produce, read_topic, shift_events)
+
+GRACE = dt.timedelta(hours=2)
+LIVE_SCENARIOS = ["04_missed_escalation_h12", "13_excl_neutropenia_si_units", "21_late_dose_record_retracts_alert",
+                  "22_late_lab_adds_eligibility_alert", "06_overdose_above_8mgkg"]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    with LocalBroker(log_path=tmp_path_factory.mktemp("broker") / "broker.log") as b:
+        yield b
+
+
+def _topics(prefix: str) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {"events": f"{prefix}-events-{tag}", "alerts": f"{prefix}-alerts-{tag}", "dead": f"{prefix}-dead-{tag}"}
+
+
+@pytest.mark.skipif(not (SHARED / "scenarios").is_dir(), reason="published scenarios not found")
+def test_published_scenarios_through_kafka_with_live_deadlines(broker, tmp_path):
+    """Each scenario is moved by whole days so its evaluation horizon lies within the last day: the live clock
+    must fire every deadline up to the horizon (and may fire later ones, which are then after the horizon)."""
+    topics = _topics("live")
+    create_topics(broker.bootstrap, {topics["events"]: 3, topics["alerts"]: 3, topics["dead"]: 1})
+    now = dt.datetime.now(dt.timezone.utc)
+    plans = []
+    records = []
+    for name in LIVE_SCENARIOS:
+        header, events = load_scenario(SHARED / "scenarios" / f"{name}.jsonl")
+        horizon = dt.datetime.fromisoformat(header["evaluation_horizon"])
+        days = (now - (horizon + GRACE)).days
+        shifted = shift_events(events, days)
+        plans.append((name, header, horizon + dt.timedelta(days=days), dt.timedelta(days=days)))
+        records += events_as_records(shifted)
+    produce(broker.bootstrap, topics["events"], records)
+
+    def complete(messages):
+        final = {(r["rule"], r["subject_id"]) for r in final_pairs(alert_records(messages))}
+        return all((a["rule"], a["subject"]) in final for _, h, _, _ in plans for a in h["expected_alerts"])
+
+    service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=f"g-{uuid.uuid4().hex[:6]}",
+                             log=tmp_path / "service.log").start()
+    try:
+        messages = read_topic(broker.bootstrap, topics["alerts"], until=complete, timeout_s=120)
+    finally:
+        assert service.stop() == 0, (tmp_path / "service.log").read_text()[-2000:]
+    records_out = alert_records(messages)
+    assert Counter((r["alert_id"], r["status"]) for r in records_out).most_common(1)[0][1] == 1, "a record twice"
+    final = final_pairs(records_out)
+    for name, header, horizon, shift in plans:
+        subjects = {a["subject"] for a in header["expected_alerts"]} | {
+            a["subject"] for a in header.get("expected_no_alerts", [])}
+        mine = [r for r in final if r["subject_id"] in subjects]
+        within = [r for r in mine if dt.datetime.fromisoformat(r["at"]) <= horizon]
+        got = Counter((r["rule"], r["subject_id"]) for r in within)
+        want = Counter((a["rule"], a["subject"]) for a in header["expected_alerts"])
+        assert got == want, f"{name}: got {sorted(got.elements())}, want {sorted(want.elements())}"
+        for exp in header["expected_alerts"]:
+            target = dt.datetime.fromisoformat(exp["at"]) + shift
+            assert any(abs((dt.datetime.fromisoformat(r["at"]) - target).total_seconds()) <= 60
+                       for r in within if (r["rule"], r["subject_id"]) == (exp["rule"], exp["subject"])), exp
+        withdrawn = {(r["rule"], r["subject_id"]) for r in records_out if r["status"] == "retracted"}
+        for exp in header.get("expected_retractions", []):
+            assert (exp["rule"], exp["subject"]) in withdrawn, f"{name}: {exp} not raised then withdrawn"
+
+
+def test_bad_input_goes_to_the_dead_letter_topic_and_good_events_go_on(broker, tmp_path):
+    topics = _topics("bad")
+    create_topics(broker.bootstrap, {topics["events"]: 1, topics["alerts"]: 1, topics["dead"]: 1})
+    header, events = load_scenario(SHARED / "scenarios" / "13_excl_neutropenia_si_units.jsonl")
+    bad = [
+        (b"S1", b"{not json", "malformed_json"),
+        (b"S2", json.dumps({**events[0], "value": "abc", "type": "lab_result", "analyte": "ANC"}).encode(),
+         "bad_number"),
+        (b"S3", json.dumps({**events[0], "type": "teleportation"}).encode(), "unknown_type"),
+        (b"S4", b'{"pad": "' + b"x" * 1_100_000 + b'"}', "too_large"),
+    ]
+    good = events_as_records(events)
+    produce(broker.bootstrap, topics["events"], good[:5] + [(k, v) for k, v, _ in bad] + good[5:])
+    service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=f"g-{uuid.uuid4().hex[:6]}",
+                             log=tmp_path / "service.log").start()
+    try:
+        dead = read_topic(broker.bootstrap, topics["dead"], until=lambda m: len(m) >= len(bad), timeout_s=60)
+        alerts = read_topic(broker.bootstrap, topics["alerts"], until=lambda m: any(
+            json.loads(x.value)["rule"] == "ELIG-NEUTROPENIA" for x in m), timeout_s=60)
+    finally:
+        assert service.stop() == 0
+    assert [m.value for m in dead] == [v for _, v, _ in bad]
+    for message, (_, _, reason) in zip(dead, bad):
+        headers = dict(message.headers)
+        assert headers["reason"].decode() == reason
+        assert headers["source_topic"].decode() == topics["events"]
+        assert headers["source_partition"] == b"0" and int(headers["source_offset"]) >= 5
+        assert headers["detail"]
+    assert any(json.loads(m.value)["rule"] == "ELIG-NEUTROPENIA" for m in alerts)
