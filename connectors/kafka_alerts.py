@@ -55,7 +55,11 @@ def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> set[tupl
                              group_id=None, client_id=f"{settings.client_id}-recovery",
                              **settings.kafka.client_options())
     try:
+        if settings.alerts_topic not in consumer.topics():  # also fetches the cluster metadata
+            return set()
         parts = consumer.partitions_for_topic(settings.alerts_topic) or set()
+        if not parts:
+            raise AlertPublishError(f"no partition metadata for {settings.alerts_topic}; refusing to guess")
         tps = [TopicPartition(settings.alerts_topic, p) for p in sorted(parts)]
         if not tps:
             return set()
@@ -69,9 +73,9 @@ def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> set[tupl
                 raise AlertPublishError("could not read the alerts topic back in time; refusing to start")
             for msgs in consumer.poll(timeout_ms=500).values():
                 for m in msgs:
-                    h = dict(m.headers or [])
-                    if b"alert_id" in h and b"status" in h:
-                        seen.add((h[b"alert_id"].decode(), h[b"status"].decode()))
+                    h = {k: v for k, v in (m.headers or [])}  # header keys are str, values bytes
+                    if "alert_id" in h and "status" in h:
+                        seen.add((h["alert_id"].decode(), h["status"].decode()))
         return seen
     finally:
         consumer.close()

@@ -45,8 +45,10 @@ class ServiceState:
 class MonitorService:
     def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock, alerts: AlertSink,
                  dead_letters: RejectSink, published: set[tuple[str, str]],
-                 on_alert: Callable[[Alert], None] | None = None) -> None:
+                 on_alert: Callable[[Alert], None] | None = None,
+                 refresh_published: Callable[[], set[tuple[str, str]]] | None = None) -> None:
         self.settings = settings
+        self.refresh_published = refresh_published
         self.monitor = monitor
         self.clock = clock
         self.alerts = alerts
@@ -80,6 +82,8 @@ class MonitorService:
         tps, self._newly_assigned = list(self._newly_assigned), []
         if not tps or self.source is None:
             return set()
+        if self.refresh_published is not None:  # another instance may have published for these subjects
+            self.published |= self.refresh_published()
         ends = self.source.end_offsets(tps)
         for tp in tps:
             self.state.rebuild_until[tp] = ends.get(tp, 0)
@@ -187,13 +191,14 @@ def run_service(settings: Settings, *, stop: threading.Event,
     clock = ReplayClock()
     monitor = Monitor.create(rules=rules, clock=clock)
     started = time.monotonic()
-    published = published_alerts(settings=settings)
-    log.info("rules version %s loaded (%d rules); %d alert records already published (read in %.1f s)",
-             rules.version, len(rules.rules), len(published), time.monotonic() - started)
+    published: set[tuple[str, str]] = set()
+    log.info("rules version %s loaded (%d rules) in %.1f s", rules.version, len(rules.rules),
+             time.monotonic() - started)
     alerts = KafkaAlertSink(settings=settings)
     dead = KafkaDeadLetterSink(settings=settings)
     service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=alerts, dead_letters=dead,
-                             published=published, on_alert=on_alert)
+                             published=published, on_alert=on_alert,
+                             refresh_published=lambda: published_alerts(settings=settings))
     source = KafkaEventSource(settings=settings, on_assigned=service.on_assigned, on_revoked=service.on_revoked)
     service.attach(source)
     try:

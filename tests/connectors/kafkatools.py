@@ -43,6 +43,7 @@ def events_as_records(events: list[dict[str, Any]]) -> list[tuple[bytes | None, 
 def read_topic(bootstrap: str, topic: str, *, until: Any = None, timeout_s: float = 60.0) -> list[Any]:
     """All messages of a topic; with `until(messages) -> bool`, keeps reading until it holds or time runs out."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    consumer.topics()
     parts = consumer.partitions_for_topic(topic) or set()
     tps = [TopicPartition(topic, p) for p in sorted(parts)]
     consumer.assign(tps)
@@ -123,3 +124,45 @@ def shift_events(events: list[dict[str, Any]], days: int) -> list[dict[str, Any]
             kd["fever_onset_date"] = (dt.date.fromisoformat(kd["fever_onset_date"]) + delta).isoformat()
         out.append(e)
     return out
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets per partition (an OffsetFetch; the probe never joins the group)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        consumer.topics()
+        parts = sorted(consumer.partitions_for_topic(topic) or set())
+        out = {}
+        for p in parts:
+            off = consumer.committed(TopicPartition(topic, p))
+            if off is not None:
+                out[p] = off
+        return out
+    finally:
+        consumer.close(autocommit=False)
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        parts: set[int] = set()
+        deadline = time.monotonic() + 10
+        while not parts and time.monotonic() < deadline:
+            consumer.topics()  # forces a metadata refresh
+            parts = consumer.partitions_for_topic(topic) or set()
+        assert parts, f"topic {topic} has no partitions"
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
+def wait_until_consumed(bootstrap: str, group: str, topic: str, timeout_s: float) -> bool:
+    ends = end_offsets(bootstrap, topic)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = committed_offsets(bootstrap, group, topic)
+        if all(done.get(p, -1) >= end for p, end in ends.items()):
+            return True
+        time.sleep(0.5)
+    return False
