@@ -42,17 +42,19 @@ def free_port() -> int:
 class LocalBroker:
     """`with LocalBroker() as broker:` starts a broker on 127.0.0.1:<free port>; `broker.bootstrap` is its address."""
 
-    def __init__(self, *, port: int | None = None, extra_args: list[str] | None = None,
-                 log_path: Path | None = None) -> None:
+    def __init__(self, *, port: int | None = None, advertised_port: int | None = None,
+                 extra_args: list[str] | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.advertised_port = advertised_port or self.port  # a loopback proxy in front of it, for some tests
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self.extra_args = extra_args or []
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> "LocalBroker":
         url = f"tcp://127.0.0.1:{self.port}"
-        argv = [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
+        argv = [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                 "--storage-engine", "memory://tansu/", *self.extra_args]
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
