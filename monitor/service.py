@@ -167,6 +167,12 @@ class MonitorService:
         self.source.commit(done)
         self.state.ready = not self.state.rebuild_until and bool(self.source.assignment())
 
+    def close(self) -> None:
+        for part in (self.source, self.alerts, self.dead_letters):
+            closer = getattr(part, "close", None)
+            if closer is not None:
+                closer()
+
     def run(self, stop: threading.Event) -> None:
         assert self.source is not None
         timeout_ms = int(self.settings.tick_seconds * 1000)
@@ -179,32 +185,35 @@ class MonitorService:
         log.info("stopping: offsets committed up to the last acknowledged alerts")
 
 
-def run_service(settings: Settings, *, stop: threading.Event,
-                on_alert: Callable[[Alert], None] | None = None) -> MonitorService:
-    """Build the service from settings and run it until `stop` is set. Returns the service (for its stats)."""
+def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | None = None) -> MonitorService:
+    """Wire the service from settings: rules, engine, Kafka source and sinks. Call `run(stop)`, then `close()`."""
     from connectors.kafka_alerts import KafkaAlertSink, published_alerts
     from connectors.kafka_dead_letter import KafkaDeadLetterSink
     from connectors.kafka_events import KafkaEventSource
     from monitor.rules import load_rules
 
+    started = time.monotonic()
     rules = load_rules(settings.rules)
     clock = ReplayClock()
     monitor = Monitor.create(rules=rules, clock=clock)
-    started = time.monotonic()
-    published: set[tuple[str, str]] = set()
     log.info("rules version %s loaded (%d rules) in %.1f s", rules.version, len(rules.rules),
              time.monotonic() - started)
     alerts = KafkaAlertSink(settings=settings)
     dead = KafkaDeadLetterSink(settings=settings)
     service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=alerts, dead_letters=dead,
-                             published=published, on_alert=on_alert,
+                             published=set(), on_alert=on_alert,
                              refresh_published=lambda: published_alerts(settings=settings))
-    source = KafkaEventSource(settings=settings, on_assigned=service.on_assigned, on_revoked=service.on_revoked)
-    service.attach(source)
+    service.attach(KafkaEventSource(settings=settings, on_assigned=service.on_assigned,
+                                    on_revoked=service.on_revoked))
+    return service
+
+
+def run_service(settings: Settings, *, stop: threading.Event,
+                on_alert: Callable[[Alert], None] | None = None) -> MonitorService:
+    """Build the service and run it until `stop` is set. Returns the service (for its stats)."""
+    service = build_service(settings, on_alert=on_alert)
     try:
         service.run(stop)
     finally:
-        source.close()
-        alerts.close()
-        dead.close()
+        service.close()
     return service
