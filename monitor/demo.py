@@ -15,7 +15,7 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from monitor.alerts import Alert
-from monitor.broker import LocalBroker
+from monitor.broker import LocalBroker, free_port
 from monitor.config import load_settings
 from monitor.generate import generate
 from monitor.service import build_service
@@ -35,13 +35,14 @@ def run_demo(*, rules_dir: str | None = None, subjects: int = 24, seed: int = 7,
             "bootstrap_servers": broker.bootstrap, "events_topic": f"demo-events-{tag}",
             "alerts_topic": f"demo-alerts-{tag}", "dead_letter_topic": f"demo-dead-letter-{tag}",
             "group_id": f"demo-{tag}", "rules": rules_dir, "clock": "stream", "tick_seconds": 0.2,
-            "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000})
+            "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "metrics_port": free_port()})
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
         # one partition: the stream clock follows delivery order exactly, as a replay does
         admin.create_topics([NewTopic(settings.events_topic, 1, 1), NewTopic(settings.alerts_topic, 1, 1),
                              NewTopic(settings.dead_letter_topic, 1, 1)])
         admin.close()
-        print(f"Local broker on {broker.bootstrap}; topics {settings.events_topic}, {settings.alerts_topic}.")
+        print(f"Local broker on {broker.bootstrap}; topics {settings.events_topic}, {settings.alerts_topic}; "
+              f"metrics on http://127.0.0.1:{settings.metrics_port}/metrics")
         print(f"Streaming {len(events)} events of {subjects} synthetic subjects (about half with a planted "
               f"deviation) at {rate:.0f} events/s. Ctrl-C stops.\n", flush=True)
         service = build_service(settings, on_alert=_print_alert)

@@ -29,6 +29,7 @@ from monitor.config import Settings
 from monitor.errors import EventRejected
 from monitor.evaluator import Monitor
 from monitor.events import decode, parse_event
+from monitor.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,10 @@ class MonitorService:
     def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock, alerts: AlertSink,
                  dead_letters: RejectSink, published: set[tuple[str, str]],
                  on_alert: Callable[[Alert], None] | None = None,
-                 refresh_published: Callable[[], set[tuple[str, str]]] | None = None) -> None:
+                 refresh_published: Callable[[], set[tuple[str, str]]] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.refresh_published = refresh_published
         self.monitor = monitor
         self.clock = clock
@@ -116,10 +119,14 @@ class MonitorService:
                 event = parse_event(payload)
             except EventRejected as exc:
                 self.stats["rejected"] += 1
+                if self.metrics is not None:
+                    self.metrics.events_rejected.labels(exc.reason).inc()
                 log.warning("rejected %s: %s", rec.origin, exc.reason)
                 self.dead_letters.add(rec, exc)
                 continue
             self.stats["events"] += 1
+            if self.metrics is not None:
+                self.metrics.events_consumed.labels(event.site_id, event.type).inc()
             self.state.subjects_by_partition.setdefault(tp, set()).add(event.subject_id)
             if batch and batch[0][0].recorded_at != event.recorded_at:
                 flush_batch()
@@ -154,6 +161,8 @@ class MonitorService:
         for alert in fresh:
             self.published.add((alert.alert_id, alert.status))
             self.stats["alerts_published"] += 1
+            if self.metrics is not None:
+                self.metrics.alert_published(alert)
             if self.on_alert is not None:
                 self.on_alert(alert)
 
@@ -167,7 +176,11 @@ class MonitorService:
         self.source.commit(done)
         self.state.ready = not self.state.rebuild_until and bool(self.source.assignment())
 
+    metrics_server = None
+
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         for part in (self.source, self.alerts, self.dead_letters):
             closer = getattr(part, "close", None)
             if closer is not None:
@@ -190,6 +203,9 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     from connectors.kafka_alerts import KafkaAlertSink, published_alerts
     from connectors.kafka_dead_letter import KafkaDeadLetterSink
     from connectors.kafka_events import KafkaEventSource
+    from prometheus_client import CollectorRegistry
+
+    from monitor.metrics import serve
     from monitor.rules import load_rules
 
     started = time.monotonic()
@@ -200,9 +216,15 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
              time.monotonic() - started)
     alerts = KafkaAlertSink(settings=settings)
     dead = KafkaDeadLetterSink(settings=settings)
+    metrics = Metrics(registry=CollectorRegistry())
+    metrics.rules.info({"version": rules.version})
     service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=alerts, dead_letters=dead,
                              published=set(), on_alert=on_alert,
-                             refresh_published=lambda: published_alerts(settings=settings))
+                             refresh_published=lambda: published_alerts(settings=settings), metrics=metrics)
+    if settings.metrics_port:
+        service.metrics_server = serve(registry=metrics.registry, host=settings.metrics_host,
+                                       port=settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     service.attach(KafkaEventSource(settings=settings, on_assigned=service.on_assigned,
                                     on_revoked=service.on_revoked))
     return service

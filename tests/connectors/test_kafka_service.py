@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import urllib.request
 import uuid
 from collections import Counter
 
 import pytest
 
-from monitor.broker import LocalBroker
+from monitor.broker import LocalBroker, free_port
 from tests.conftest import SHARED, load_scenario
 from tests.connectors.kafkatools import (
     ServiceProcess, alert_records, create_topics, events_as_records, final_pairs, produce, read_topic, shift_events)
@@ -91,14 +92,20 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_good_events_go_on(broker, t
     ]
     good = events_as_records(events)
     produce(broker.bootstrap, topics["events"], good[:5] + [(k, v) for k, v, _ in bad] + good[5:])
+    port = free_port()
     service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=f"g-{uuid.uuid4().hex[:6]}",
-                             log=tmp_path / "service.log").start()
+                             log=tmp_path / "service.log", extra=["--metrics-port", str(port)]).start()
     try:
         dead = read_topic(broker.bootstrap, topics["dead"], until=lambda m: len(m) >= len(bad), timeout_s=60)
         alerts = read_topic(broker.bootstrap, topics["alerts"], until=lambda m: any(
             json.loads(x.value)["rule"] == "ELIG-NEUTROPENIA" for x in m), timeout_s=60)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         assert service.stop() == 0
+    for _, _, reason in bad:
+        assert f'protocol_monitor_events_rejected_total{{reason="{reason}"}} 1.0' in metrics
+    assert 'protocol_monitor_alerts_raised_total{category="eligibility",rule="ELIG-NEUTROPENIA"' in metrics
+    assert header["expected_alerts"][0]["subject"] not in metrics  # no subject id in any label
     assert [m.value for m in dead] == [v for _, v, _ in bad]
     for message, (_, _, reason) in zip(dead, bad):
         headers = dict(message.headers)
