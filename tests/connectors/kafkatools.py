@@ -166,3 +166,17 @@ def wait_until_consumed(bootstrap: str, group: str, topic: str, timeout_s: float
             return True
         time.sleep(0.5)
     return False
+
+
+def same_local_clock(events: list[dict[str, Any]], days: int, zone: str = "Europe/Paris") -> bool:
+    """True if moving every instant by `days` keeps its local UTC offset (no daylight-saving change between)."""
+    from zoneinfo import ZoneInfo
+
+    tz, delta = ZoneInfo(zone), dt.timedelta(days=days)
+    for e in events:
+        for name in DATETIME_FIELDS:
+            if e.get(name):
+                t = dt.datetime.fromisoformat(e[name])
+                if t.astimezone(tz).utcoffset() != (t + delta).astimezone(tz).utcoffset():
+                    return False
+    return True
