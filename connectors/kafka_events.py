@@ -80,6 +80,15 @@ class KafkaEventSource:
     def position(self, tp: TopicPartition) -> int:
         return int(self.consumer.position(tp))
 
+    def lag(self) -> dict[TopicPartition, int]:
+        """Messages behind the last known high-water mark, per assigned partition (no network call)."""
+        out = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                out[tp] = max(0, high - self.consumer.position(tp))
+        return out
+
     def assignment(self) -> set[Any]:
         return set(self.consumer.assignment())
 

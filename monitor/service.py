@@ -17,6 +17,7 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ class MonitorService:
         self.state = ServiceState()
         self.source = None  # set by attach()
         self._newly_assigned: list[TopicPartition] = []
+        self._gauges_at = 0.0
         self.stats = {"events": 0, "rejected": 0, "alerts_published": 0, "alerts_suppressed": 0}
 
     # ---- partitions -------------------------------------------------------------------------------------------
@@ -102,13 +104,14 @@ class MonitorService:
     # ---- the loop ---------------------------------------------------------------------------------------------
     def step(self, records: list[RawRecord]) -> None:
         """Process one poll's records, publish what they caused, then commit their offsets."""
-        produced: list[Alert] = []
+        produced: list[tuple[Alert, int | None]] = []
         offsets: dict[TopicPartition, int] = {}
         batch: list = []
+        batch_ts: list[int | None] = [None]
 
         def flush_batch() -> None:
             if batch:
-                produced.extend(self.monitor.ingest(list(batch)))
+                produced.extend((a, batch_ts[0]) for a in self.monitor.ingest(list(batch)))
                 batch.clear()
 
         for rec in records:
@@ -132,15 +135,17 @@ class MonitorService:
                 flush_batch()
             if not batch:
                 self._advance(rec, event.recorded_at)
-                produced.extend(self.monitor.tick())
+                produced.extend((a, None) for a in self.monitor.tick())
             batch.append((event, payload))
+            batch_ts[0] = rec.timestamp_ms
         flush_batch()
         if self.settings.clock == "wall":
             self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
-        produced.extend(self.monitor.tick())
+        produced.extend((a, None) for a in self.monitor.tick())
         self._publish(produced)
         self.dead_letters.flush()
         self._commit(offsets)
+        self._refresh_gauges()
 
     def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
         if self.settings.clock == "stream" or rec.timestamp_ms is None or rec.timestamp_ms < 0:
@@ -148,23 +153,39 @@ class MonitorService:
         else:
             self.clock.advance_to(dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc))
 
-    def _publish(self, produced: list[Alert]) -> None:
+    def _publish(self, produced: list[tuple[Alert, int | None]]) -> None:
         fresh = []
-        for alert in produced:
+        for alert, ts in produced:
             key = (alert.alert_id, alert.status)
             if key in self.published:
                 self.stats["alerts_suppressed"] += 1
                 continue
             self.alerts.add(alert)
-            fresh.append(alert)
+            fresh.append((alert, ts))
         self.alerts.flush()  # raises if the broker did not acknowledge: nothing is committed then
-        for alert in fresh:
+        now_ms = time.time() * 1000
+        for alert, ts in fresh:
             self.published.add((alert.alert_id, alert.status))
             self.stats["alerts_published"] += 1
             if self.metrics is not None:
-                self.metrics.alert_published(alert)
+                self.metrics.alert_published(alert, (now_ms - ts) / 1000 if ts and ts > 0 else None)
             if self.on_alert is not None:
                 self.on_alert(alert)
+
+    def _refresh_gauges(self, every_s: float = 1.0) -> None:
+        """State gauges, at most once a second, on the service thread (the state's only owner)."""
+        if self.metrics is None or time.monotonic() - self._gauges_at < every_s:
+            return
+        self._gauges_at = time.monotonic()
+        m, mon = self.metrics, self.monitor
+        m.set_gauge(m.subjects, "subjects", Tally((s.site_id, s.arm or "unknown") for s in mon.subjects.values()))
+        m.set_gauge(m.open_alerts, "open", Tally((a.site_id, a.severity) for a in mon.book.open_alerts()))
+        pending = mon.deadlines.pending()
+        m.set_gauge(m.deadlines_pending, "deadlines", Tally(
+            (mon.subjects[s].site_id,) for s in pending if s in mon.subjects))
+        if self.source is not None:
+            m.set_gauge(m.consumer_lag, "lag", Tally({(tp.topic, str(tp.partition)): lag
+                                                      for tp, lag in self.source.lag().items()}))
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if self.source is None:
@@ -205,7 +226,7 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     from connectors.kafka_events import KafkaEventSource
     from prometheus_client import CollectorRegistry
 
-    from monitor.metrics import serve
+    from monitor.metrics import HealthServer
     from monitor.rules import load_rules
 
     started = time.monotonic()
@@ -222,9 +243,10 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
                              published=set(), on_alert=on_alert,
                              refresh_published=lambda: published_alerts(settings=settings), metrics=metrics)
     if settings.metrics_port:
-        service.metrics_server = serve(registry=metrics.registry, host=settings.metrics_host,
-                                       port=settings.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        service.metrics_server = HealthServer(registry=metrics.registry, host=settings.metrics_host,
+                                              port=settings.metrics_port, ready=lambda: service.state.ready).start()
+        log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", settings.metrics_host,
+                 settings.metrics_port)
     service.attach(KafkaEventSource(settings=settings, on_assigned=service.on_assigned,
                                     on_revoked=service.on_revoked))
     return service
