@@ -180,9 +180,9 @@ class MonitorService:
         m, mon = self.metrics, self.monitor
         m.set_gauge(m.subjects, "subjects", Tally((s.site_id, s.arm or "unknown") for s in mon.subjects.values()))
         m.set_gauge(m.open_alerts, "open", Tally((a.site_id, a.severity) for a in mon.book.open_alerts()))
-        pending = mon.deadlines.pending()
-        m.set_gauge(m.deadlines_pending, "deadlines", Tally(
-            (mon.subjects[s].site_id,) for s in pending if s in mon.subjects))
+        pending = Tally({(s.site_id,): 0 for s in mon.subjects.values()})  # every known site has a series
+        pending.update((mon.subjects[s].site_id,) for s in mon.deadlines.pending() if s in mon.subjects)
+        m.set_gauge(m.deadlines_pending, "deadlines", pending)
         if self.source is not None:
             m.set_gauge(m.consumer_lag, "lag", Tally({(tp.topic, str(tp.partition)): lag
                                                       for tp, lag in self.source.lag().items()}))
