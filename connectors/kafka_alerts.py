@@ -11,42 +11,32 @@ import time
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from connectors.kafka_acked import AckedProducer, PublishError
 from monitor.alerts import Alert
 from monitor.config import Settings
-from monitor.errors import MonitorError
 
 
-class AlertPublishError(MonitorError):
-    """The broker did not acknowledge an alert; offsets are not committed past it."""
+class AlertPublishError(PublishError):
+    """An alert was not acknowledged, or the alerts topic could not be read back."""
 
 
 class KafkaAlertSink:
     def __init__(self, *, settings: Settings, producer: KafkaProducer | None = None) -> None:
-        self.topic = settings.alerts_topic
-        self.producer = producer or KafkaProducer(
+        self.out = AckedProducer(producer=producer or KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers, client_id=f"{settings.client_id}-alerts", acks="all",
-            retries=5, linger_ms=2, max_in_flight_requests_per_connection=1, **settings.kafka.client_options())
-        self._futures: list = []
+            retries=5, linger_ms=2, max_in_flight_requests_per_connection=1, **settings.kafka.client_options()),
+            topic=settings.alerts_topic, what="alert")
 
     def add(self, alert: Alert) -> None:
         headers = [("alert_id", alert.alert_id.encode()), ("status", alert.status.encode()),
                    ("rule", alert.rule.encode())]
-        self._futures.append(self.producer.send(self.topic, key=alert.subject_id.encode("utf-8"),
-                                                value=alert.to_json().encode("utf-8"), headers=headers))
+        self.out.send(key=alert.subject_id.encode("utf-8"), value=alert.to_json().encode("utf-8"), headers=headers)
 
     def flush(self) -> None:
-        futures, self._futures = self._futures, []
-        if not futures:
-            return
-        self.producer.flush()
-        for f in futures:
-            try:
-                f.get(timeout=30)
-            except Exception as exc:
-                raise AlertPublishError(f"alert not acknowledged by the broker: {exc}") from exc
+        self.out.flush()
 
     def close(self) -> None:
-        self.producer.close(timeout=5)
+        self.out.close()
 
 
 def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> set[tuple[str, str]]:

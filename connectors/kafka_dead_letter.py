@@ -8,19 +8,17 @@ from __future__ import annotations
 from kafka import KafkaProducer
 
 from connectors.base import RawRecord
-from connectors.kafka_alerts import AlertPublishError
+from connectors.kafka_acked import AckedProducer
 from monitor.config import Settings
 from monitor.errors import EventRejected
 
 
 class KafkaDeadLetterSink:
     def __init__(self, *, settings: Settings, producer: KafkaProducer | None = None) -> None:
-        self.topic = settings.dead_letter_topic
-        self.producer = producer or KafkaProducer(
+        self.out = AckedProducer(producer=producer or KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers, client_id=f"{settings.client_id}-dead-letter",
             acks="all", retries=5, max_request_size=max(1048576, settings.max_message_bytes * 4),
-            **settings.kafka.client_options())
-        self._futures: list = []
+            **settings.kafka.client_options()), topic=settings.dead_letter_topic, what="dead letter")
         self.count = 0
 
     def add(self, record: RawRecord, error: EventRejected) -> None:
@@ -31,18 +29,10 @@ class KafkaDeadLetterSink:
                    ("source_offset", str(record.offset).encode())]
         if error.event_id:
             headers.append(("event_id", error.event_id.encode("utf-8")[:200]))
-        self._futures.append(self.producer.send(self.topic, key=record.key, value=record.value, headers=headers))
+        self.out.send(key=record.key, value=record.value, headers=headers)
 
     def flush(self) -> None:
-        futures, self._futures = self._futures, []
-        if not futures:
-            return
-        self.producer.flush()
-        for f in futures:
-            try:
-                f.get(timeout=30)
-            except Exception as exc:
-                raise AlertPublishError(f"dead letter not acknowledged by the broker: {exc}") from exc
+        self.out.flush()
 
     def close(self) -> None:
-        self.producer.close(timeout=5)
+        self.out.close()
