@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import sys
 from pathlib import Path
@@ -118,6 +119,47 @@ def _cmd_rules_doc(args: argparse.Namespace) -> int:
     return write_catalogue(rules_dir=args.dir, output=args.output)
 
 
+def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from monitor.config import load_settings
+    from monitor.store import AlertStore
+
+    settings = load_settings(config_file=getattr(args, "config", None), overrides={"store": args.store})
+    return AlertStore(url=settings.store)
+
+
+def _cmd_alerts(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.alerts_command == "list":
+        rows = store.list(state=args.state, site=args.site, rule=args.rule, limit=args.limit)
+        for r in rows:
+            print(f"{r['alert_id']}  {r['state']:<12} {r['severity']:<8} {r['rule']:<32} {r['subject_id']:<10} "
+                  f"{r['site_id']:<10} {r['at']}")
+        print(f"{len(rows)} alert(s)", file=sys.stderr)
+    elif args.alerts_command == "show":
+        print(json.dumps(store.get(args.alert_id), indent=2, ensure_ascii=False))
+    elif args.alerts_command == "ack":
+        store.acknowledge(args.alert_id, by=args.by, reason=args.reason or "")
+        print(f"acknowledged {args.alert_id}")
+    elif args.alerts_command == "close":
+        store.close_alert(args.alert_id, by=args.by, reason=args.reason)
+        print(f"closed {args.alert_id}")
+    return 0
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    entries = store.audit_entries()
+    problems = store.verify_audit()
+    if problems:
+        for p in problems:
+            print(f"TAMPERED: {p}")
+        print(f"audit trail NOT intact: {len(problems)} problem(s) in {len(entries)} entries", file=sys.stderr)
+        return 1
+    head = entries[-1].hash[:16] if entries else "-"
+    print(f"audit trail intact: {len(entries)} entries, head {head}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protocol-monitor", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -142,6 +184,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=["wall", "stream"], default=None,
                    help="wall: live deadlines (default); stream: the events' recorded_at")
     p.set_defaults(func=_cmd_run)
+
+    store_opts = argparse.ArgumentParser(add_help=False)
+    store_opts.add_argument("--store", default=None,
+                            help="sqlite:///PATH (default sqlite:///alerts.db) or postgresql://...")
+    store_opts.add_argument("--config", default=None, metavar="FILE")
+    p = sub.add_parser("alerts", help="the alert store: list, show, ack, close")
+    asub = p.add_subparsers(dest="alerts_command", required=True)
+    c = asub.add_parser("list", parents=[store_opts], help="alerts, oldest first")
+    c.add_argument("--state", choices=["raised", "acknowledged", "closed", "withdrawn"])
+    c.add_argument("--site")
+    c.add_argument("--rule")
+    c.add_argument("--limit", type=int, default=200)
+    c = asub.add_parser("show", parents=[store_opts], help="one alert with its record and lifecycle")
+    c.add_argument("alert_id")
+    c = asub.add_parser("ack", parents=[store_opts], help="acknowledge an alert")
+    c.add_argument("alert_id")
+    c.add_argument("--by", required=True, help="who acknowledges (recorded in the audit trail)")
+    c.add_argument("--reason", default="")
+    c = asub.add_parser("close", parents=[store_opts], help="close an alert with a reason")
+    c.add_argument("alert_id")
+    c.add_argument("--by", required=True)
+    c.add_argument("--reason", required=True)
+    p.set_defaults(func=_cmd_alerts)
+
+    p = sub.add_parser("audit", help="the audit trail: verify")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    c = asub.add_parser("verify", parents=[store_opts], help="detect edited, removed or reordered entries")
+    c.set_defaults(func=_cmd_audit_verify)
 
     p = sub.add_parser("demo", help="replay the bundled demo cohort and print its alerts (no external services)")
     p.add_argument("--rules", default=None, metavar="DIR")
