@@ -92,7 +92,8 @@ class AlertBook:
 def make_alert(*, rule: Rule, fact: Fact, subject_id: str, site_id: str, alert_id: str, detected_at: str,
                version: str) -> Alert:
     values = fact.values
-    evidence = {"fact": fact.name, "values": {k: v for k, v in values.items() if v is not None}, **fact.evidence}
+    evidence = {"fact": fact.name, "values": {k: v for k, v in values.items() if v is not None},
+                "rule_condition": rule.condition_for(fact.name), **fact.evidence}
     return Alert(
         alert_id=alert_id,
         status="raised",

@@ -7,27 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from monitor.facts import FACTS
-from monitor.rules import RuleSet, SeverityMap, load_rules
+from monitor.rules import RuleSet, SeverityMap, load_rules, render_condition
 from monitor.ruletest import load_suite
-
-_OPS = {"eq": "=", "ne": "≠", "lt": "<", "lte": "≤", "gt": ">", "gte": "≥", "in": "in"}
-
-
-def render_condition(cond: Any) -> str:
-    """A rule condition in one readable line: `analyte = ANC and value < 1.5`."""
-    parts = []
-    for name, test in cond.items():
-        if name in ("all", "any"):
-            joiner = " and " if name == "all" else " or "
-            parts.append("(" + joiner.join(render_condition(c) for c in test) + ")")
-            continue
-        tests = test if isinstance(test, dict) else {"eq": test}
-        for op, value in tests.items():
-            shown = "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value).lower() \
-                if isinstance(value, bool) else str(value)
-            parts.append(f"{name} {_OPS.get(op, op)} {shown}")
-    return " and ".join(parts)
-
 
 def _severity(rule: Any) -> str:
     sev = rule.spec.severity

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
+from typing import Any
 from dataclasses import dataclass, field
 
 from monitor.alerts import Alert, AlertBook
@@ -51,15 +52,17 @@ class Monitor:
         return cls(rules=rules, engine=engine, clock=clock)
 
     # ---- input ------------------------------------------------------------------------------------------------
-    def ingest(self, batch: list[tuple[Event, dict]]) -> list[Alert]:
+    def ingest(self, batch: list[tuple[Any, ...]]) -> list[Alert]:
         """Apply one batch (events sharing a `recorded_at`) atomically, then evaluate what it touched and any
-        subject whose deadline is due. Each item is the validated event and its decoded payload."""
+        subject whose deadline is due. Each item is (validated event, decoded payload[, origin])."""
         touched: set[str] = set()
-        for event, payload in batch:
+        for item in batch:
+            event, payload = item[0], item[1]
+            origin = item[2] if len(item) > 2 else None
             state = self.subjects.get(event.subject_id)
             if state is None:
                 state = self.subjects[event.subject_id] = SubjectState(event.subject_id, event.site_id)
-            outcome = state.apply(event, canonical(payload))
+            outcome = state.apply(event, canonical(payload), origin)
             self.stats.events[outcome.value] += 1
             if outcome in (Applied.NEW, Applied.AMENDED):
                 touched.add(event.subject_id)
@@ -77,6 +80,16 @@ class Monitor:
         due = [s for s, at in self.deadlines.pending().items() if at - self.grace <= horizon]
         due += self.deadlines.pop_due(self.clock.now())
         return self._evaluate(set(due))
+
+    @staticmethod
+    def _with_sources(alert: Alert, state: SubjectState) -> Alert:
+        """Streamed evidence events cite their topic, partition and offset."""
+        if alert.status != "raised":
+            return alert
+        sources = state.origins(list(alert.evidence.get("events", [])))
+        if not sources:
+            return alert
+        return alert.model_copy(update={"evidence": {**alert.evidence, "sources": sources}})
 
     def drop_subject(self, subject_id: str) -> None:
         """Forget a subject whose partition moved to another instance (its engine session is left idle)."""
@@ -107,6 +120,7 @@ class Monitor:
             subject_id=subject_id, site_id=state.site_id, matches=self.engine.matches(subject_id), facts=facts,
             rules=self.rules.rules, detected_at=self.clock.now().isoformat(), version=self.rules.version)
         self.deadlines.set(subject_id, derived.next_deadline + self.grace if derived.next_deadline else None)
+        alerts = [self._with_sources(a, state) for a in alerts]
         self.stats.evaluations += 1
         for a in alerts:
             self.stats.alerts[a.status] += 1

@@ -348,6 +348,25 @@ def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, An
     return parts[0] if len(parts) == 1 else {"$and": parts}
 
 
+_OPS = {"eq": "=", "ne": "≠", "lt": "<", "lte": "≤", "gt": ">", "gte": "≥", "in": "in"}
+
+
+def render_condition(cond: Any) -> str:
+    """A rule condition in one readable line: `analyte = ANC and value < 1.5`."""
+    parts = []
+    for name, test in cond.items():
+        if name in ("all", "any"):
+            joiner = " and " if name == "all" else " or "
+            parts.append("(" + joiner.join(render_condition(c) for c in test) + ")")
+            continue
+        tests = test if isinstance(test, dict) else {"eq": test}
+        for op, value in tests.items():
+            shown = "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value).lower() \
+                if isinstance(value, bool) else str(value)
+            parts.append(f"{name} {_OPS.get(op, op)} {shown}")
+    return " and ".join(parts)
+
+
 def references_other_message(expr: Any) -> bool:
     """True if a compiled expression refers to anything but constants (the crash of upstream #381)."""
     if isinstance(expr, dict):
@@ -389,6 +408,13 @@ class Rule:
 
     def message_for(self, fact_name: str) -> str:
         return self._variant(fact_name)[1]
+
+    def condition_for(self, fact_name: str) -> str:
+        """The rule's condition as configured, in words: what an alert cites as the thresholds in force."""
+        for alt in self.spec.alternatives:
+            if alt.fact == fact_name and fact_name != self.spec.fact:
+                return render_condition(alt.when)
+        return render_condition(self.spec.when)
 
     def severity_for(self, fact: dict[str, Any]) -> str:
         sev = self.spec.severity

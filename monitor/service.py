@@ -136,7 +136,7 @@ class MonitorService:
             if not batch:
                 self._advance(rec, event.recorded_at)
                 produced.extend((a, None) for a in self.monitor.tick())
-            batch.append((event, payload))
+            batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}))
             batch_ts[0] = rec.timestamp_ms
         flush_batch()
         if self.settings.clock == "wall":

@@ -22,6 +22,7 @@ class Stored:
     canonical: str
     seq: int
     first_recorded_at: Any = None  # when this event_id was first reported (amendments keep it)
+    origin: dict[str, Any] | None = None  # where it came from when streamed: topic, partition, offset
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SubjectState:
     arm: str | None = None
     _seq: int = 0
 
-    def apply(self, event: Event, canonical: str) -> Applied:
+    def apply(self, event: Event, canonical: str, origin: dict[str, Any] | None = None) -> Applied:
         held = self.events.get(event.event_id)
         self._seq += 1
         if held is not None:
@@ -45,13 +46,16 @@ class SubjectState:
         first = held.first_recorded_at if held is not None else event.recorded_at
         if held is not None and event.recorded_at < first:
             first = event.recorded_at
-        self.events[event.event_id] = Stored(event, canonical, self._seq, first)
+        self.events[event.event_id] = Stored(event, canonical, self._seq, first, origin)
         self.site_id = event.site_id
         if event.type == "enrollment" and event.arm:
             self.arm = event.arm
         elif self.arm is None and event.arm:
             self.arm = event.arm
         return Applied.AMENDED if held is not None else Applied.NEW
+
+    def origins(self, event_ids: list[str]) -> dict[str, Any]:
+        return {eid: self.events[eid].origin for eid in event_ids if eid in self.events and self.events[eid].origin}
 
     def first_reported(self) -> dict[str, Any]:
         """event_id → when it was first reported (an SAE corrected later was still reported on time)."""
