@@ -68,6 +68,8 @@ def format_email(alert: Alert) -> tuple[str, str]:
     out += _line("Site", alert.site_id)
     out += _line("Rule", alert.rule)
     out += _line("Title", alert.title)
+    if ev.get("rule_condition"):
+        out += _line("Condition", ev["rule_condition"])
     out += _line("Severity", f"{alert.severity} / {alert.category}")
     out += _line("When", f"{alert.at} (event time)")
     out += _line("Detected", alert.detected_at)
@@ -96,7 +98,7 @@ def format_email(alert: Alert) -> tuple[str, str]:
             if isinstance(where, dict):
                 where = f"{where.get('topic', '?')}/{where.get('partition', '?')}@{where.get('offset', '?')}"
             out += _line(f"  {_clean(event_id)}", where, indent="      ")
-    others = {k: v for k, v in ev.items() if k not in ("fact", "events", "values", "sources") and v is not None}
+    others = {k: v for k, v in ev.items() if k not in ("fact", "events", "values", "sources", "rule_condition") and v is not None}
     if others:
         out.append("Other evidence:")
         for name in sorted(others):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from monitor.errors import MonitorError, RuleFileError
 
+DEFAULT_STORE = "sqlite:///alerts.db"
+
 
 def _instant(text: str) -> dt.datetime:
     try:
@@ -54,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in (
         "bootstrap_servers", "events_topic", "alerts_topic", "dead_letter_topic", "group_id", "metrics_port",
-        "rules", "clock")}
+        "rules", "clock", "store")}
     settings = load_settings(config_file=args.config, overrides=overrides)
     stop = threading.Event()
 
@@ -68,6 +70,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     service = run_service(settings, stop=stop)
     print(f"stopped: {service.stats}", file=sys.stderr)
+    return 0
+
+
+def _cmd_notify(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from monitor.config import load_settings
+    from monitor.notify import run_notifier
+
+    settings = load_settings(config_file=args.config, overrides={
+        "bootstrap_servers": args.bootstrap_servers, "alerts_topic": args.alerts_topic,
+        "store": args.store or DEFAULT_STORE})
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    notifier = run_notifier(settings, stop=stop)
+    print(f"stopped: delivered {notifier.delivered}, failed attempts {notifier.failed}", file=sys.stderr)
     return 0
 
 
@@ -124,7 +146,7 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from monitor.store import AlertStore
 
     settings = load_settings(config_file=getattr(args, "config", None), overrides={"store": args.store})
-    return AlertStore(url=settings.store)
+    return AlertStore(url=settings.store or DEFAULT_STORE)
 
 
 def _cmd_alerts(args: argparse.Namespace) -> int:
@@ -181,9 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-id", default=None)
     p.add_argument("--metrics-port", type=int, default=None, help="0 = off")
     p.add_argument("--rules", default=None, metavar="DIR")
+    p.add_argument("--store", default=None, help="alert store URL: the rules versions loaded go to its audit trail")
     p.add_argument("--clock", choices=["wall", "stream"], default=None,
                    help="wall: live deadlines (default); stream: the events' recorded_at")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("notify", help="alerts topic → alert store → e-mail and webhooks (routes in the config)")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML configuration with `routes:`")
+    p.add_argument("--bootstrap-servers", default=None)
+    p.add_argument("--alerts-topic", default=None)
+    p.add_argument("--store", default=None)
+    p.set_defaults(func=_cmd_notify)
 
     store_opts = argparse.ArgumentParser(add_help=False)
     store_opts.add_argument("--store", default=None,

@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     heartbeat_interval_ms: int = 3000
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
     kafka: KafkaSecurity = Field(default_factory=KafkaSecurity)
-    store: str = Field(default="sqlite:///alerts.db", description="alert store: sqlite:///PATH or postgresql://...")
+    store: str | None = Field(default=None, description="alert store: sqlite:///PATH or postgresql://... "
+                              "(notify and alerts default to sqlite:///alerts.db; run records rules loads there)")
     notify_group_id: str = "protocol-monitor-notify"
     routes: list[dict[str, Any]] = Field(default_factory=list, description="alert delivery routes (see README)")
 

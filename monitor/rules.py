@@ -357,7 +357,9 @@ def render_condition(cond: Any) -> str:
     for name, test in cond.items():
         if name in ("all", "any"):
             joiner = " and " if name == "all" else " or "
-            parts.append("(" + joiner.join(render_condition(c) for c in test) + ")")
+            items = [render_condition(c) for c in test]
+            items = [f"({i})" if (" and " in i or " or " in i) and not i.startswith("(") else i for i in items]
+            parts.append("(" + joiner.join(items) + ")")
             continue
         tests = test if isinstance(test, dict) else {"eq": test}
         for op, value in tests.items():

@@ -235,6 +235,13 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     monitor = Monitor.create(rules=rules, clock=clock)
     log.info("rules version %s loaded (%d rules) in %.1f s", rules.version, len(rules.rules),
              time.monotonic() - started)
+    if settings.store:
+        from monitor.store import AlertStore
+
+        store = AlertStore(url=settings.store)
+        store.record_rules_loaded(version=rules.version, directory=str(rules.directory), rules=len(rules.rules),
+                                  actor=f"{settings.client_id}@{settings.group_id}")
+        store.close()
     alerts = KafkaAlertSink(settings=settings)
     dead = KafkaDeadLetterSink(settings=settings)
     metrics = Metrics(registry=CollectorRegistry())

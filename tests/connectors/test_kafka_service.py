@@ -102,8 +102,9 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_good_events_go_on(broker, t
     good = events_as_records(events)
     produce(broker.bootstrap, topics["events"], good[:5] + [(k, v) for k, v, _ in bad] + good[5:])
     port = free_port()
+    store = f"sqlite:///{tmp_path / 'alerts.db'}"
     service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=f"g-{uuid.uuid4().hex[:6]}",
-                             log=tmp_path / "service.log", extra=["--metrics-port", str(port)]).start()
+                             log=tmp_path / "service.log", extra=["--metrics-port", str(port), "--store", store]).start()
     try:
         dead = read_topic(broker.bootstrap, topics["dead"], until=lambda m: len(m) >= len(bad), timeout_s=60)
         alerts = read_topic(broker.bootstrap, topics["alerts"], until=lambda m: any(
@@ -115,6 +116,11 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_good_events_go_on(broker, t
         assert f'protocol_monitor_events_rejected_total{{reason="{reason}"}} 1.0' in metrics
     assert 'protocol_monitor_alerts_raised_total{category="eligibility",rule="ELIG-NEUTROPENIA"' in metrics
     assert header["expected_alerts"][0]["subject"] not in metrics  # no subject id in any label
+    assert header["expected_alerts"][0]["subject"] not in (tmp_path / "service.log").read_text()  # nor in logs
+    from monitor.store import AlertStore
+
+    entries = AlertStore(url=store).audit_entries()
+    assert [e.action for e in entries] == ["rules_loaded"] and entries[0].data["rules"] == 47
     assert [m.value for m in dead] == [v for _, v, _ in bad]
     for message, (_, _, reason) in zip(dead, bad):
         headers = dict(message.headers)

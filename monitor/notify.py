@@ -1,0 +1,89 @@
+"""The notifier: alert records from the alerts topic into the store, and from the store's outbox to the safety
+officers' e-mail and webhooks.
+
+`protocol-monitor notify` consumes the alerts topic in its own consumer group, stores each record (idempotent on
+(alert_id, status)) with the routes it must go to, commits the offset only after the store committed, and
+delivers what is due. A delivery that fails waits in the outbox and is retried with back-off until the receiver
+takes it; offsets never depend on the receivers, so a receiver that is down delays nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from connectors.delivery import DeliveryError, Router
+from monitor.alerts import Alert
+from monitor.config import Settings
+from monitor.store import AlertStore
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    def __init__(self, *, store: AlertStore, router: Router, base_retry_s: float = 5.0,
+                 max_retry_s: float = 900.0) -> None:
+        self.store = store
+        self.router = router
+        self.base_retry_s = base_retry_s
+        self.max_retry_s = max_retry_s
+        self.delivered = 0
+        self.failed = 0
+
+    def accept(self, alert: Alert) -> bool:
+        """Store a record and queue its deliveries; False if it was already stored (a redelivery)."""
+        return self.store.add_record(alert, sinks=self.router.route_names(alert))
+
+    def deliver_due(self) -> int:
+        """Try every delivery that is due; returns how many were delivered."""
+        done = 0
+        for alert_id, status, sink_name, attempts in self.store.due_deliveries():
+            sink = self.router.sinks.get(sink_name)
+            if sink is None:
+                self.store.mark_failed(alert_id, status, sink_name, error="no such route in the configuration",
+                                       retry_in_s=self.max_retry_s)
+                continue
+            try:
+                sink.deliver(self.store.record_for(alert_id, status))
+            except DeliveryError as exc:
+                self.failed += 1
+                wait = min(self.max_retry_s, self.base_retry_s * 2 ** attempts)
+                log.warning("delivery to %s failed (attempt %d), retrying in %.0f s: %s", sink_name, attempts + 1,
+                            wait, exc)
+                self.store.mark_failed(alert_id, status, sink_name, error=str(exc), retry_in_s=wait)
+                continue
+            self.store.mark_delivered(alert_id, status, sink_name)
+            self.delivered += 1
+            done += 1
+        return done
+
+
+def run_notifier(settings: Settings, *, stop: threading.Event) -> Notifier:
+    from kafka import KafkaConsumer
+
+    store = AlertStore(url=settings.store or "sqlite:///alerts.db")
+    notifier = Notifier(store=store, router=Router.from_config(settings.routes))
+    consumer = KafkaConsumer(settings.alerts_topic, bootstrap_servers=settings.bootstrap_servers,
+                             group_id=settings.notify_group_id, enable_auto_commit=False,
+                             auto_offset_reset="earliest", session_timeout_ms=settings.session_timeout_ms,
+                             heartbeat_interval_ms=settings.heartbeat_interval_ms, **settings.kafka.client_options())
+    log.info("notifier: %d route(s), store %s", len(notifier.router.routes), store.url.split("@")[-1])
+    try:
+        while not stop.is_set():
+            batches = consumer.poll(timeout_ms=int(settings.tick_seconds * 1000))
+            for messages in batches.values():
+                for m in messages:
+                    try:
+                        notifier.accept(Alert.model_validate(json.loads(m.value)))
+                    except ValueError as exc:  # not an alert record: counted and logged, never fatal
+                        log.error("not an alert record at %s/%d@%d: %s", m.topic, m.partition, m.offset, exc)
+            if batches:
+                consumer.commit()
+            notifier.deliver_due()
+            time.sleep(0)
+    finally:
+        consumer.close(autocommit=False)
+        store.close()
+    return notifier
