@@ -79,14 +79,36 @@ def _line_for(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | 
     return None
 
 
-def _pydantic_problems(path: Path, exc: ValidationError, lines: dict[tuple[Any, ...], int]) -> list[tuple[str, int | None, str]]:
+def _field_names(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The valid field names at a location of a model (for "did you mean ...")."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+                break
+            for inner in getattr(candidate, "__args__", ()):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    current = inner
+                    break
+    return list(getattr(current, "model_fields", {}))
+
+
+def _pydantic_problems(path: Path, exc: ValidationError, lines: dict[tuple[Any, ...], int],
+                       model: type[BaseModel] | None = None) -> list[tuple[str, int | None, str]]:
     out = []
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         where = ".".join(str(p) for p in loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = f"unknown field '{loc[-1]}'"
+            msg = f"unknown field '{loc[-1]}'{_closest(str(loc[-1]), _field_names(model, loc[:-1]))}"
         out.append((str(path), _line_for(lines, loc), f"{where}: {msg}" if where else msg))
     return out
 
@@ -449,7 +471,7 @@ def _validate(model: type[BaseModel], data: Any, path: Path, lines: dict[tuple[A
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_pydantic_problems(path, exc, lines))
+        problems.extend(_pydantic_problems(path, exc, lines, model))
         return None
 
 
@@ -460,7 +482,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
         raise RuleFileError([(str(root), None, "rules directory not found")])
     problems: list[tuple[str, int | None, str]] = []
     digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*.yaml") if p.is_file())
+    files = sorted(p for p in [*root.glob("*.yaml"), *root.glob("tables/*.yaml")] if p.is_file())
     texts: dict[Path, str] = {}
     for p in files:
         raw = p.read_bytes()
