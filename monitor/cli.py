@@ -68,7 +68,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    service = run_service(settings, stop=stop)
+    service = run_service(settings, stop=stop,
+                          on_ready=lambda svc: signal.signal(signal.SIGHUP, lambda *_: svc.reload_requested.set()))
     print(f"stopped: {service.stats}", file=sys.stderr)
     return 0
 

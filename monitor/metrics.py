@@ -45,6 +45,9 @@ class Metrics:
         self.subjects = Gauge("protocol_monitor_subjects", "Subjects held by this instance", ["site", "arm"],
                               registry=registry)
         self.rules = Info("protocol_monitor_rules", "Rules version in force", registry=registry)
+        self.rules_reload_failures = Counter("protocol_monitor_rules_reload_failures",
+                                             "Rules versions refused at reload (the previous one stayed)",
+                                             registry=registry)
         self._known: dict[str, set[tuple[str, ...]]] = {}
 
     def alert_published(self, alert: Alert, latency_s: float | None = None) -> None:

@@ -102,13 +102,21 @@ def _field_names(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[st
 
 def _pydantic_problems(path: Path, exc: ValidationError, lines: dict[tuple[Any, ...], int],
                        model: type[BaseModel] | None = None) -> list[tuple[str, int | None, str]]:
-    out = []
+    """pydantic errors as rule authors read them: the YAML path, the line, what is wrong and what was written.
+    Union alternatives (a severity that is neither a word nor a mapping) are reported once."""
+    out, seen = [], set()
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
+            p.startswith("function-") or "[" in p or p[:1].isupper())))
+        if loc in seen:
+            continue
+        seen.add(loc)
         where = ".".join(str(p) for p in loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = f"unknown field '{loc[-1]}'{_closest(str(loc[-1]), _field_names(model, loc[:-1]))}"
+        elif isinstance(err.get("input"), (str, int, float, bool)) and err["type"] != "missing":
+            msg = f"{msg} (got {err['input']!r})"
         out.append((str(path), _line_for(lines, loc), f"{where}: {msg}" if where else msg))
     return out
 

@@ -14,12 +14,15 @@ rebuilt by reading the partitions from the beginning; on revocation they are dro
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from kafka import TopicPartition
 
@@ -33,6 +36,19 @@ from monitor.events import decode, parse_event
 from monitor.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of the rule files: cheap to poll, changes on any edit."""
+    files = sorted([*Path(directory).glob("*.yaml"), *Path(directory).glob("tables/*.yaml")])
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 @dataclass
@@ -63,6 +79,10 @@ class MonitorService:
         self.source = None  # set by attach()
         self._newly_assigned: list[TopicPartition] = []
         self._gauges_at = 0.0
+        self.reload_requested = threading.Event()
+        self.audit_store = None  # an AlertStore when configured: rules loads and switches are audited
+        self._rules_fingerprint = _fingerprint(monitor.rules.directory)
+        self._watched_at = time.monotonic()
         self.stats = {"events": 0, "rejected": 0, "alerts_published": 0, "alerts_suppressed": 0}
 
     # ---- partitions -------------------------------------------------------------------------------------------
@@ -202,15 +222,89 @@ class MonitorService:
     def close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        if self.audit_store is not None:
+            self.audit_store.close()
         for part in (self.source, self.alerts, self.dead_letters):
             closer = getattr(part, "close", None)
             if closer is not None:
                 closer()
 
+    # ---- hot reload ---------------------------------------------------------------------------------------------
+    def _rules_changed(self) -> bool:
+        if self.settings.rules_watch_seconds <= 0 or time.monotonic() - self._watched_at < self.settings.rules_watch_seconds:
+            return False
+        self._watched_at = time.monotonic()
+        now = _fingerprint(self.monitor.rules.directory)
+        if now != self._rules_fingerprint:
+            self._rules_fingerprint = now
+            return True
+        return False
+
+    def reload_rules(self) -> bool:
+        """Validate the rules directory, build the new version beside the old one, rebuild every subject into it,
+        publish what the new version changes, and switch. An invalid directory is refused; the old rules stay."""
+        from monitor.errors import RuleFileError
+        from monitor.rules import load_rules
+
+        old = self.monitor
+        try:
+            rules = load_rules(old.rules.directory)
+        except RuleFileError as exc:
+            log.error("new rules refused; version %s stays in force:\n  %s", old.rules.version,
+                      "\n  ".join(f"{p}:{line}: {m}" for p, line, m in exc.problems))
+            if self.metrics is not None:
+                self.metrics.rules_reload_failures.inc()
+            self._audit("rules_refused", {"version_in_force": old.rules.version,
+                                          "problems": [f"{p}:{line}: {m}" for p, line, m in exc.problems][:50]})
+            return False
+        if rules.version == old.rules.version:
+            return False
+        started = time.monotonic()
+        new = Monitor.create(rules=rules, clock=self.clock)
+        stored = sorted((st for state in old.subjects.values() for st in state.events.values()),
+                        key=lambda st: (st.event.recorded_at, st.seq))
+        batch: list[tuple[Any, ...]] = []
+        for st in stored:
+            if batch and batch[0][0].recorded_at != st.event.recorded_at:
+                new.ingest(batch)
+                batch = []
+            batch.append((st.event, json.loads(st.canonical), st.origin))
+        if batch:
+            new.ingest(batch)
+        for subject_id, state in old.subjects.items():  # partition bookkeeping and site ids carry over
+            if subject_id in new.subjects:
+                new.subjects[subject_id].site_id = state.site_id
+        before = {a.alert_id: a for a in old.book.open_alerts()}
+        after = {a.alert_id: a for a in new.book.open_alerts()}
+        now = self.clock.now().isoformat()
+        changes: list[tuple[Alert, int | None]] = [(after[k], None) for k in sorted(set(after) - set(before))]
+        changes += [(before[k].model_copy(update={"status": "retracted", "retracts": k, "detected_at": now,
+                                                  "rule_version": rules.version}), None)
+                    for k in sorted(set(before) - set(after))]
+        self._publish(changes)
+        self.monitor = new
+        if self.metrics is not None:
+            self.metrics.rules.info({"version": rules.version})
+        self._audit("rules_switched", {"from": old.rules.version, "to": rules.version, "rules": len(rules.rules),
+                                       "subjects_rebuilt": len(new.subjects), "alerts_raised": len(set(after) - set(before)),
+                                       "alerts_withdrawn": len(set(before) - set(after))})
+        log.info("rules version %s in force (was %s): %d subjects rebuilt in %.2f s; %d alerts raised, %d withdrawn",
+                 rules.version, old.rules.version, len(new.subjects), time.monotonic() - started,
+                 len(set(after) - set(before)), len(set(before) - set(after)))
+        return True
+
+    def _audit(self, action: str, data: dict[str, Any]) -> None:
+        if self.audit_store is not None:
+            self.audit_store.record_event(actor=f"{self.settings.client_id}@{self.settings.group_id}",
+                                          action=action, data=data)
+
     def run(self, stop: threading.Event) -> None:
         assert self.source is not None
         timeout_ms = int(self.settings.tick_seconds * 1000)
         while not stop.is_set():
+            if self.reload_requested.is_set() or self._rules_changed():
+                self.reload_requested.clear()
+                self.reload_rules()
             records = self.source.poll(timeout_ms)
             rebuilding = self._start_rebuilds()
             if rebuilding:  # records fetched from the committed position are read again from the beginning
@@ -235,13 +329,13 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     monitor = Monitor.create(rules=rules, clock=clock)
     log.info("rules version %s loaded (%d rules) in %.1f s", rules.version, len(rules.rules),
              time.monotonic() - started)
+    store = None
     if settings.store:
         from monitor.store import AlertStore
 
         store = AlertStore(url=settings.store)
         store.record_rules_loaded(version=rules.version, directory=str(rules.directory), rules=len(rules.rules),
                                   actor=f"{settings.client_id}@{settings.group_id}")
-        store.close()
     alerts = KafkaAlertSink(settings=settings)
     dead = KafkaDeadLetterSink(settings=settings)
     metrics = Metrics(registry=CollectorRegistry())
@@ -249,6 +343,7 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=alerts, dead_letters=dead,
                              published=set(), on_alert=on_alert,
                              refresh_published=lambda: published_alerts(settings=settings), metrics=metrics)
+    service.audit_store = store
     if settings.metrics_port:
         service.metrics_server = HealthServer(registry=metrics.registry, host=settings.metrics_host,
                                               port=settings.metrics_port, ready=lambda: service.state.ready).start()
@@ -260,9 +355,12 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
 
 
 def run_service(settings: Settings, *, stop: threading.Event,
-                on_alert: Callable[[Alert], None] | None = None) -> MonitorService:
+                on_alert: Callable[[Alert], None] | None = None,
+                on_ready: Callable[[MonitorService], None] | None = None) -> MonitorService:
     """Build the service and run it until `stop` is set. Returns the service (for its stats)."""
     service = build_service(settings, on_alert=on_alert)
+    if on_ready is not None:
+        on_ready(service)
     try:
         service.run(stop)
     finally:

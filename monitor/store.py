@@ -128,6 +128,10 @@ class AlertStore:
     def verify_audit(self) -> list[str]:
         return verify(self.audit_entries())
 
+    def record_event(self, *, actor: str, action: str, data: dict[str, Any]) -> None:
+        with self._tx() as cur:
+            self._audit(cur, actor=actor, action=action, data=data)
+
     def record_rules_loaded(self, *, version: str, directory: str, rules: int, actor: str) -> None:
         with self._tx() as cur:
             self._audit(cur, actor=actor, action="rules_loaded",

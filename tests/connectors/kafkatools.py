@@ -162,7 +162,7 @@ def wait_until_consumed(bootstrap: str, group: str, topic: str, timeout_s: float
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         done = committed_offsets(bootstrap, group, topic)
-        if all(done.get(p, -1) >= end for p, end in ends.items()):
+        if all(end == 0 or done.get(p, -1) >= end for p, end in ends.items()):  # an empty partition has nothing to do
             return True
         time.sleep(0.5)
     return False
