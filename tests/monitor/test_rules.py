@@ -85,7 +85,7 @@ def test_unknown_field_in_a_rule(rules_dir):
     line = plant(f, "    severity: {field", "    severty: major\n    severity: {field",
                  after="- id: CONMED-CYP-INTERACTOR")
     problems = only_problems_in(refused(rules_dir), f)
-    assert any(l == line and "severty" in msg for l, msg in problems), problems
+    assert any(l == line and "severty" in msg and "did you mean 'severity'" in msg for l, msg in problems), problems
 
 
 def test_bad_severity_value(rules_dir):
