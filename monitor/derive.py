@@ -68,7 +68,7 @@ class SubjectView:
 
     def __init__(self, *, subject_id: str, site_id: str, arm: str | None, events: dict[str, list[Any]],
                  params: Parameters, tables: Tables, analytes: dict[str, str] | None = None,
-                 first_reported: dict[str, dt.datetime] | None = None) -> None:
+                 first_reported: dict[str, dt.datetime] | None = None, memo: dict[str, Any] | None = None) -> None:
         self.subject_id = subject_id
         self.site_id = site_id
         self.arm = arm
@@ -78,6 +78,7 @@ class SubjectView:
         self.analytes = analytes if analytes is not None else analyte_lookup(params)
         self.first_reported = first_reported or {}
         self.cache: dict[str, Any] = {}  # per-evaluation values the Deriver computes once
+        self.memo = memo if memo is not None else {}  # per-subject values kept across evaluations
 
     # ---- anchors ------------------------------------------------------------------------------------------
     @cached_property
@@ -132,13 +133,19 @@ class SubjectView:
 
     @cached_property
     def temperatures(self) -> list[tuple[VitalSign, nm.Temperature]]:
+        """Normalised once per event version (the memo keeps them across evaluations)."""
         tp = self.p.temperature
+        known: dict[str, tuple[Any, nm.Temperature]] = self.memo.setdefault("temperatures", {})
         out = []
         for e in self.ev.get("vital_sign", []):
             if not self.is_temperature(e):
                 continue
-            out.append((e, nm.temperature(temperature_c=e.temperature_c, value=e.value, unit=e.unit, site=e.site,
-                                          site_offsets_c=tp.site_offsets_c, plausible_c=tp.plausible_c)))
+            hit = known.get(e.event_id)
+            if hit is None or hit[0] is not e:
+                hit = (e, nm.temperature(temperature_c=e.temperature_c, value=e.value, unit=e.unit, site=e.site,
+                                         site_offsets_c=tp.site_offsets_c, plausible_c=tp.plausible_c))
+                known[e.event_id] = hit
+            out.append((e, hit[1]))
         return out
 
     @cached_property
@@ -252,24 +259,73 @@ class Deriver:
         """A fresh view of one subject's current events for one evaluation."""
         return SubjectView(subject_id=state.subject_id, site_id=state.site_id, arm=state.arm, events=state.by_type(),
                            params=self.p, tables=self.t, analytes=self._analytes,
-                           first_reported=state.first_reported())
+                           first_reported=state.first_reported(), memo=state.memo)
 
-    def derive(self, v: SubjectView, cutoff: dt.datetime | None) -> Derived:
+    # What each derivation reads ("temperature" and "measure" split vital signs). Every derivation also depends on
+    # enrollment and drug administrations (arm, T0). A derivation is re-run only if one of its inputs changed or
+    # one of its pending deadlines fell at or before the cut-off; otherwise its previous facts are reused.
+    INPUTS: dict[str, frozenset[str]] = {
+        "_weight": frozenset({"measure"}),
+        "_temperature_quality": frozenset({"temperature"}),
+        "_unit_quality": frozenset({"lab_result", "temperature", "measure"}),
+        "_enrollment": frozenset({"measure"}),
+        "_baseline_labs": frozenset({"lab_result", "measure"}),
+        "_ivig": frozenset({"temperature", "measure"}),
+        "_medications": frozenset({"concomitant_medication", "temperature", "measure"}),
+        "_vaccines": frozenset({"immunization"}),
+        "_anakinra_doses": frozenset({"temperature", "measure"}),
+        "_ladder": frozenset({"temperature", "measure"}),
+        "_treatment_days": frozenset({"adverse_event", "measure"}),
+        "_assessments": frozenset({"temperature"}),
+        "_endpoints": frozenset({"temperature", "measure"}),
+        "_fever_recurrence": frozenset({"temperature"}),
+        "_visits": frozenset({"visit", "lab_result", "echocardiogram"}),
+        "_echoes": frozenset({"echocardiogram"}),
+        "_adverse_events": frozenset({"adverse_event"}),
+        "_lab_signals": frozenset({"lab_result", "temperature"}),
+    }
+    ALWAYS = frozenset({"enrollment", "drug_administration"})
+
+    def kind_of(self, event: Any) -> str:
+        """The input kind of an event, for deciding which derivations a change affects."""
+        if event.type != "vital_sign":
+            return str(event.type)
+        is_measure = (event.code or "") in self.p.weight_codes or (event.code or "") in self.p.height_codes or (
+            (event.analyte or "").lower() in ("body_weight", "body_height"))
+        return "measure" if is_measure else "temperature"
+
+    def derive(self, v: SubjectView, cutoff: dt.datetime | None, *, memo: dict[str, Any] | None = None,
+               changed: set[str] | None = None) -> Derived:
+        """All derived facts of a subject. With `memo` (the subject's cache) and `changed` (input kinds changed since
+        the last call), derivations whose inputs did not change and whose deadlines did not fall are reused."""
         facts: list[Fact] = []
-        pending: list[dt.datetime] = []
+        pending_all: list[dt.datetime] = []
+        for name in self.INPUTS:
+            cached = memo.get(name) if memo is not None else None
+            if cached is not None and changed is not None:
+                inputs = self.INPUTS[name] | self.ALWAYS
+                due = cached[1] is not None and cutoff is not None and cached[1] <= cutoff
+                if not (inputs & changed) and not due:
+                    facts.extend(cached[0])
+                    if cached[1] is not None:
+                        pending_all.append(cached[1])
+                    continue
+            pending: list[dt.datetime] = []
 
-        def deadline(at: dt.datetime) -> bool:
-            if cutoff is not None and at <= cutoff:
-                return True
-            pending.append(at)
-            return False
+            def deadline(at: dt.datetime, _pending: list[dt.datetime] = pending) -> bool:
+                if cutoff is not None and at <= cutoff:
+                    return True
+                _pending.append(at)
+                return False
 
-        for fn in (self._weight, self._temperature_quality, self._unit_quality, self._enrollment,
-                   self._baseline_labs, self._ivig, self._medications, self._vaccines, self._anakinra_doses,
-                   self._ladder, self._treatment_days, self._assessments, self._endpoints, self._fever_recurrence,
-                   self._visits, self._echoes, self._adverse_events, self._lab_signals):
-            facts.extend(fn(v, deadline))
-        return Derived(facts, min(pending) if pending else None)
+            produced = list(getattr(self, name)(v, deadline))
+            first = min(pending) if pending else None
+            if memo is not None:
+                memo[name] = (produced, first)
+            facts.extend(produced)
+            if first is not None:
+                pending_all.append(first)
+        return Derived(facts, min(pending_all) if pending_all else None)
 
     # ---- data quality ---------------------------------------------------------------------------------------
     def _baseline_weight(self, v: SubjectView) -> tuple[float | None, str]:

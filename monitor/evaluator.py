@@ -62,10 +62,14 @@ class Monitor:
             state = self.subjects.get(event.subject_id)
             if state is None:
                 state = self.subjects[event.subject_id] = SubjectState(event.subject_id, event.site_id)
+            previous = state.events.get(event.event_id)
             outcome = state.apply(event, canonical(payload), origin)
             self.stats.events[outcome.value] += 1
             if outcome in (Applied.NEW, Applied.AMENDED):
                 touched.add(event.subject_id)
+                state.changed.add(self.deriver.kind_of(event))
+                if previous is not None:
+                    state.changed.add(self.deriver.kind_of(previous.event))
         return self._evaluate(touched | set(self.deadlines.pop_due(self.clock.now())))
 
     def tick(self) -> list[Alert]:
@@ -113,7 +117,8 @@ class Monitor:
     def evaluate_subject(self, subject_id: str) -> list[Alert]:
         state = self.subjects[subject_id]
         view = self.deriver.view(state)
-        derived = self.deriver.derive(view, self.cutoff())
+        derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed)
+        state.changed = set()
         facts = {f.fact_id: f for f in derived.facts}
         self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items() if f.name in self._facts_read})
         alerts = self.book.reconcile(

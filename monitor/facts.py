@@ -186,9 +186,13 @@ class Fact:
         return f"{self.name}:{self.key}"
 
     def message(self) -> dict[str, Any]:
-        """The engine's view: scalar fields only, None dropped (a missing field simply matches nothing)."""
-        out: dict[str, Any] = {"fact": self.name}
-        for k, v in self.values.items():
-            if v is not None:
-                out[k] = v
-        return out
+        """The engine's view: scalar fields only, None dropped (a missing field simply matches nothing).
+        Built once per fact (facts are reused while their inputs do not change)."""
+        cached = self.__dict__.get("_message")
+        if cached is None:
+            cached = {"fact": self.name}
+            for k, v in self.values.items():
+                if v is not None:
+                    cached[k] = v
+            self.__dict__["_message"] = cached
+        return cached

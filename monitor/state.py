@@ -34,6 +34,9 @@ class SubjectState:
     events: dict[str, Stored] = field(default_factory=dict)
     arm: str | None = None
     _seq: int = 0
+    memo: dict[str, Any] = field(default_factory=dict)  # the deriver's cache for this subject
+    changed: set[str] = field(default_factory=set)  # input kinds changed since the last evaluation
+    _by_type: dict[str, list[Any]] | None = None
 
     def apply(self, event: Event, canonical: str, origin: dict[str, Any] | None = None) -> Applied:
         held = self.events.get(event.event_id)
@@ -47,6 +50,7 @@ class SubjectState:
         if held is not None and event.recorded_at < first:
             first = event.recorded_at
         self.events[event.event_id] = Stored(event, canonical, self._seq, first, origin)
+        self._by_type = None
         self.site_id = event.site_id
         if event.type == "enrollment" and event.arm:
             self.arm = event.arm
@@ -62,10 +66,14 @@ class SubjectState:
         return {eid: stored.first_recorded_at for eid, stored in self.events.items()}
 
     def by_type(self) -> dict[str, list[Event]]:
-        """Current versions grouped by type, each list in event-time order (ties: event_id, for determinism)."""
+        """Current versions grouped by type, each list in event-time order (ties: event_id, for determinism).
+        Kept until the next change; callers must not modify the lists."""
+        if self._by_type is not None:
+            return self._by_type
         groups: dict[str, list[Any]] = {}
         for stored in self.events.values():
             groups.setdefault(stored.event.type, []).append(stored.event)
         for items in groups.values():
             items.sort(key=lambda e: (e.occurred_at, e.event_id))
+        self._by_type = groups
         return groups
