@@ -107,13 +107,15 @@ class Router:
         for r in routes:
             if r.sink == "email":
                 c = r.smtp
-                assert c is not None
+                if c is None:  # the Route validator already refuses this; kept for `python -O`
+                    raise ConfigError(f"route {r.name}: an email route needs `smtp`")
                 sinks[r.name] = SmtpSink(host=c.host, port=c.port, sender=c.sender, recipients=c.recipients,
                                          timeout_s=c.timeout_s, starttls=c.starttls, username=c.username,
                                          password=os.environ.get("PROTOCOL_MONITOR_SMTP_PASSWORD"))
             else:
                 w = r.webhook
-                assert w is not None
+                if w is None:
+                    raise ConfigError(f"route {r.name}: a webhook route needs `webhook`")
                 sinks[r.name] = WebhookSink(w.url, timeout_s=w.timeout_s, retries=w.retries, headers=w.headers)
         return cls(routes=routes, sinks=sinks)
 

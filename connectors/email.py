@@ -57,7 +57,8 @@ def email_subject(alert: Alert) -> str:
 def format_email(alert: Alert) -> tuple[str, str]:
     """(subject line, plain-text body) for one alert record; a withdrawal says so on its first line."""
     ev = alert.evidence or {}
-    values = ev.get("values") if isinstance(ev.get("values"), dict) else {}
+    raw_values = ev.get("values")
+    values: dict[str, Any] = raw_values if isinstance(raw_values, dict) else {}
     out: list[str] = []
     if alert.status == "retracted":
         out += _line("", WITHDRAWN_LINE.format(alert_id=alert.retracts or alert.alert_id))

@@ -90,7 +90,7 @@ class WebhookSink:
         headers = {"User-Agent": USER_AGENT, **self.headers,
                    "Content-Type": "application/json", "X-Alert-Id": alert.alert_id,
                    "X-Alert-Status": alert.status, "Idempotency-Key": f"{alert.alert_id}:{alert.status}"}
-        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")  # noqa: S310 - only http/https URLs are accepted in __init__
 
     def deliver(self, alert: Alert) -> None:
         """POST the alert; returns on 2xx, raises `DeliveryError` when refused or when every attempt failed."""
@@ -117,9 +117,9 @@ class WebhookSink:
                 if retry_after is not None:
                     wait = min(retry_after, self.max_backoff_s)
             except urllib.error.URLError as exc:
-                reason = exc.reason
-                last = (f"no answer within {self.timeout_s:g} s" if isinstance(reason, TimeoutError)
-                        else f"cannot connect: {reason}")
+                cause = exc.reason
+                last = (f"no answer within {self.timeout_s:g} s" if isinstance(cause, TimeoutError)
+                        else f"cannot connect: {cause}")
             except TimeoutError:
                 last = f"no answer within {self.timeout_s:g} s"
             except (OSError, http.client.HTTPException) as exc:

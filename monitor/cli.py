@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from monitor.errors import MonitorError, RuleFileError
 
@@ -68,8 +69,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    service = run_service(settings, stop=stop,
-                          on_ready=lambda svc: signal.signal(signal.SIGHUP, lambda *_: svc.reload_requested.set()))
+    def on_ready(svc: Any) -> None:
+        signal.signal(signal.SIGHUP, lambda *_: svc.reload_requested.set())
+
+    service = run_service(settings, stop=stop, on_ready=on_ready)
     print(f"stopped: {service.stats}", file=sys.stderr)
     return 0
 

@@ -216,9 +216,13 @@ class SubjectView:
         return [self.dose_mg_per_kg(e) for e in self.ev.get("drug_administration", [])
                 if self.is_anakinra(e) and e.occurred_at >= start]
 
+    def _t0(self) -> dt.datetime:
+        if self.t0 is None:
+            raise RuntimeError("T0 is needed here but the subject has no study-drug administration")
+        return self.t0
+
     def dosing_day(self, at: dt.datetime) -> int:
-        assert self.t0 is not None
-        return nm.dosing_day(self.t0, at, offset_hours=self.p.dosing_day_early_hours)
+        return nm.dosing_day(self._t0(), at, offset_hours=self.p.dosing_day_early_hours)
 
     @cached_property
     def day_levels(self) -> dict[int, float | None]:
@@ -231,8 +235,7 @@ class SubjectView:
         return levels
 
     def hx(self, hours: float) -> dt.datetime:
-        assert self.t0 is not None
-        return self.t0 + hours * H
+        return self._t0() + hours * H
 
     # ---- labs -----------------------------------------------------------------------------------------------
     def analyte_of(self, e: LabResult) -> str | None:
@@ -473,9 +476,9 @@ class Deriver:
                 if hit(entry.names, entry.atc, entry.drug):
                     out["cyp"] = entry
                     break
-        for entry in self.t.immunosuppressants.drugs:
-            if hit(entry.names, entry.atc, entry.drug):
-                out["immuno"] = entry
+        for washout in self.t.immunosuppressants.drugs:
+            if hit(washout.names, washout.atc, washout.drug):
+                out["immuno"] = washout
                 break
         out["steroid"] = any(code.startswith(p.upper()) for p in self.p.systemic_steroid_atc_prefixes) if code else False
         out["biologic"] = any(code.startswith(p.upper()) for p in self.p.biologic_atc_prefixes) if code else False
@@ -513,8 +516,8 @@ class Deriver:
                 evidence["cyp_table"] = {"drug": entry.drug, "enzymes": entry.enzymes, "strength": entry.strength,
                                          "lookback_days": entry.lookback_days, "version": self.t.cyp450.version_date}
                 if ref_enr is not None and before_t0:
-                    ongoing = last is None or last >= ref_enr
-                    values["cyp_recent"] = ongoing or (ref_enr - last) <= dt.timedelta(days=entry.lookback_days)
+                    values["cyp_recent"] = last is None or last >= ref_enr or (
+                        ref_enr - last) <= dt.timedelta(days=entry.lookback_days)
             values["enrollment_at"] = _iso(ref_enr)
             if before_t0:
                 values["at"] = _iso(start)
@@ -563,7 +566,8 @@ class Deriver:
             yield Fact("vaccination", e.event_id,
                        {"at": _iso(e.occurred_at), "vaccine": e.vaccine, "atc": e.atc or "", "live": live,
                         "phase": "before_t0" if before else "on_treatment", "arm": v.arm or "",
-                        "within_lookback": bool(before and limit is not None and limit < vdate <= enr_date),
+                        "within_lookback": bool(before and limit is not None and enr_date is not None
+                                                and limit < vdate <= enr_date),
                         "in_treatment_period": bool(not before and treatment_end is not None
                                                     and e.occurred_at <= treatment_end),
                         "vaccine_date": vdate.isoformat(), "enrollment_at": _iso(enr.occurred_at) if enr else None},
@@ -772,8 +776,7 @@ class Deriver:
     # ---- schedule ---------------------------------------------------------------------------------------------
     def _study_day_end(self, v: SubjectView, day: int) -> dt.datetime:
         """00:00 site-local on the day after study day `day` (A-17 window close)."""
-        assert v.t0 is not None
-        first = nm.local_date(v.t0, v.zone)
+        first = nm.local_date(v._t0(), v.zone)
         closing = first + dt.timedelta(days=day)
         return dt.datetime.combine(closing, dt.time(0, 0), tzinfo=v.zone)
 
@@ -797,17 +800,17 @@ class Deriver:
                        {"events": [v.t0_id, *[e.event_id for e in done[name]]]})
         crp = [e for e in v.ev.get("lab_result", []) if v.analyte_of(e) == "CRP"]
         echoes = v.ev.get("echocardiogram", [])
-        for name, w in self.p.assessment_windows.items():
-            close = self._study_day_end(v, w.days[1])
+        for name, aw in self.p.assessment_windows.items():
+            close = self._study_day_end(v, aw.days[1])
             if not deadline(close):
                 continue
-            items = crp if w.assessment == "CRP" else echoes
-            inside = [e for e in items if w.days[0] <= nm.study_day(v.t0, e.occurred_at, v.zone) <= w.days[1]]
-            visit_done = any(done.get(n) for n in w.visits)
+            items = crp if aw.assessment == "CRP" else echoes
+            inside = [e for e in items if aw.days[0] <= nm.study_day(v.t0, e.occurred_at, v.zone) <= aw.days[1]]
+            visit_done = any(done.get(n) for n in aw.visits)
             yield Fact("assessment_window", name,
-                       {"at": close.isoformat(), "window": name, "assessment": w.assessment, "visit_done": visit_done,
+                       {"at": close.isoformat(), "window": name, "assessment": aw.assessment, "visit_done": visit_done,
                         "count": float(len(inside))},
-                       {"events": [v.t0_id, *[e.event_id for n in w.visits for e in done.get(n, [])]]})
+                       {"events": [v.t0_id, *[e.event_id for n in aw.visits for e in done.get(n, [])]]})
 
     def _echoes(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         bounds = self.p.coronary_z_category_bounds
@@ -910,12 +913,12 @@ class Deriver:
         for e, ferritin in self._lab_values(v, "ferritin"):
             if e.occurred_at < v.t0:
                 continue
-            met = []
+            met: list[tuple[str, LabResult, float]] = []
             for a, vals in others.items():
                 near = [(x, val) for x, val in vals if abs(x.occurred_at - e.occurred_at) <= window]
-                hits = [(x, val) for x, val in near if tests[a](val)]
-                if hits:
-                    met.append((a, hits[-1][0], hits[-1][1]))
+                matching = [(x, val) for x, val in near if tests[a](val)]
+                if matching:
+                    met.append((a, matching[-1][0], matching[-1][1]))
             fw = sp.mas_fever_window_hours * H
             febrile = [r for r in v.readings_in(e.occurred_at - fw, e.occurred_at + fw) if v.febrile(r)]
             hit = ferritin > sp.mas_ferritin_above + nm.TOLERANCE and len(met) >= sp.mas_min_criteria and bool(febrile)
@@ -957,8 +960,8 @@ class Deriver:
             totals[day] = after
             if after is None or before is None:
                 continue
-            prev_day = max((dd for dd in levels if dd < day and levels[dd] is not None), default=None)
-            base = 4.0 if day <= 1 else max(4.0, levels[prev_day] if prev_day is not None else 4.0)  # type: ignore[arg-type]
+            previous = [lv for dd, lv in sorted(levels.items()) if dd < day and lv is not None]
+            base = 4.0 if day <= 1 or not previous else max(4.0, previous[-1])
             yield Fact("anakinra_dose", d.event_id,
                        {"at": _iso(d.at), "dosing_day": float(day), "dose_mg_per_kg": d.mg_per_kg,
                         "day_total_before": before, "day_total_after": after, "base_level": base,

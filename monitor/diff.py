@@ -51,7 +51,7 @@ class RulesDiff:
         return out
 
 
-def _run(rules: RuleSet, paths: list[Path], until: dt.datetime | None) -> tuple[dict[str, Alert], dict[str, Alert]]:
+def _run(rules: RuleSet, paths: list[str | Path], until: dt.datetime | None) -> tuple[dict[str, Alert], dict[str, Alert]]:
     clock = ReplayClock()
     monitor = Monitor.create(rules=rules, clock=clock)
     sink, rejects = ListSink(), ListSink()
@@ -64,7 +64,7 @@ def _run(rules: RuleSet, paths: list[Path], until: dt.datetime | None) -> tuple[
     return final, provisional
 
 
-def diff_rules(*, old: RuleSet, new: RuleSet, paths: list[Path], until: dt.datetime | None) -> RulesDiff:
+def diff_rules(*, old: RuleSet, new: RuleSet, paths: list[str | Path], until: dt.datetime | None) -> RulesDiff:
     old_final, old_prov = _run(old, paths, until)
     new_final, new_prov = _run(new, paths, until)
     result = RulesDiff()

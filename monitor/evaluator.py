@@ -16,7 +16,7 @@ from monitor.alerts import Alert, AlertBook
 from monitor.clock import Clock, DeadlineScheduler
 from monitor.derive import Deriver
 from monitor.engine import RulesEngine
-from monitor.events import Event, canonical
+from monitor.events import canonical
 from monitor.rules import RuleSet
 from monitor.state import Applied, SubjectState
 

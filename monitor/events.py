@@ -200,7 +200,7 @@ EVENT_TYPES: tuple[str, ...] = (
 _ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     where = ".".join(str(p) for p in error.get("loc", ()) if p not in EVENT_TYPES)
     kind = error.get("type", "")
     if kind == "missing":
@@ -214,7 +214,7 @@ def _describe(error: dict[str, Any]) -> str:
     return f"'{where}': {error.get('msg')}"
 
 
-def _reason_for(errors: list[dict[str, Any]]) -> str:
+def _reason_for(errors: list[Any]) -> str:
     kinds = {e.get("type", "") for e in errors}
     if "missing" in kinds:
         return "missing_field"

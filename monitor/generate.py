@@ -136,7 +136,7 @@ class SubjectPlan:
 
 def cohort_plan(*, subjects: int, seed: int, sites: int = 5, deviation_rate: float = 0.2) -> list[SubjectPlan]:
     """The cohort's subjects in randomisation (T0) order: arm by permuted blocks of 4, site, planted deviation."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - synthetic test data, not security
     site_list = site_ids(sites)
     site_weights = [1.0 / (1.0 + 0.25 * j) for j in range(sites)]  # a few large centres, a tail of small ones
     starts = sorted((rng.randrange(RECRUITMENT_DAYS), rng.randrange(8 * 12, 20 * 12) * 5) for _ in range(subjects))
@@ -218,7 +218,7 @@ class _SubjectBuilder:
     def __init__(self, plan: SubjectPlan, days: int) -> None:
         self.plan = plan
         self.days = days
-        self.rng = random.Random(plan.seed)
+        self.rng = random.Random(plan.seed)  # noqa: S311 - synthetic test data, not security
         self.items: list[tuple[int, int, int, str, dict[str, Any]]] = []  # occurred, recorded, seq, type, fields
         self.duplicate_seq: int | None = None
 

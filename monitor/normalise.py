@@ -61,8 +61,9 @@ def temperature(
 ) -> Temperature:
     """Convert to °C, check plausibility, correct for the measurement site. Never converts a suspect value."""
     site_name = (site or "").strip().lower().replace(" ", "_")
+    celsius: float
     if temperature_c is not None:
-        celsius: float | None = float(temperature_c)
+        celsius = float(temperature_c)
     elif value is not None:
         key = unit_key(unit)
         if key in ("Cel", "C", "degC", "°C"):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from monitor.errors import RuleFileError
 from monitor.facts import FACTS
@@ -339,7 +339,7 @@ def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, An
     if not isinstance(cond, dict) or not cond:
         problems.append(f"a condition must be a non-empty mapping, got {cond!r}")
         return {}
-    parts = []
+    parts: list[dict[str, Any]] = []
     for name, test in cond.items():
         if name in ("all", "any"):
             if not isinstance(test, list) or not test:

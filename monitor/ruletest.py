@@ -184,15 +184,18 @@ def build_events(test: RuleTest, base: Base) -> tuple[list[dict[str, Any]], dt.d
         if "name" not in ev:
             raise ValueError(f"add: every added event needs a name ({ev})")
         named[ev["name"]] = copy.deepcopy(ev)
+    t0 = base.t0
+    if t0 is None or base.until is None:
+        raise ValueError(f"base '{test.base}' needs t0 and until")
     out = []
     for name, ev in named.items():
         ev = dict(ev)
-        at = resolve(ev.pop("at"), base.t0)
-        recorded = resolve(ev.pop("recorded"), base.t0) if "recorded" in ev else at + dt.timedelta(minutes=10)
+        at = resolve(ev.pop("at"), t0)
+        recorded = resolve(ev.pop("recorded"), t0) if "recorded" in ev else at + dt.timedelta(minutes=10)
         ev.pop("name")
         for key, value in list(ev.items()):
             if isinstance(value, str) and value.startswith("T0"):
-                ev[key] = resolve(value, base.t0).isoformat()
+                ev[key] = resolve(value, t0).isoformat()
         ev.setdefault("event_id", f"{subject}-{name}")
         ev.setdefault("subject_id", subject)
         ev.setdefault("site_id", base.site)
@@ -200,7 +203,7 @@ def build_events(test: RuleTest, base: Base) -> tuple[list[dict[str, Any]], dt.d
         ev["occurred_at"], ev["recorded_at"] = at.isoformat(), recorded.isoformat()
         out.append(ev)
     out.sort(key=lambda e: (e["recorded_at"], e["event_id"]))
-    horizon = resolve(test.until or base.until, base.t0)
+    horizon = resolve(test.until or base.until, t0)
     return out, horizon
 
 
@@ -223,8 +226,9 @@ def run_test(test: RuleTest, base: Base, rules: RuleSet, *, path: str = "", line
     final = [a for a in sink.items if a.status == "raised" and a.alert_id not in withdrawn]
     result.alerts = final
     unmatched = list(final)
+    t0 = base.t0 or horizon
     for exp in test.expect:
-        target = resolve(exp.at, base.t0) if exp.at else None
+        target = resolve(exp.at, t0) if exp.at else None
         hit = next((a for a in unmatched if a.rule == exp.rule and (
             target is None or abs((dt.datetime.fromisoformat(a.at) - target).total_seconds()) <= TOLERANCE_S)
             and (exp.severity is None or a.severity == exp.severity)), None)

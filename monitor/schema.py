@@ -29,7 +29,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 def _condition_schema() -> dict[str, Any]:
     """A condition: field tests on the fact's fields (all facts' fields offered), `all`/`any` groups."""
     fields = sorted({name for f in FACTS.values() for name in f.fields})
-    ops = {op: {} for op in ("eq", "ne", "lt", "lte", "gt", "gte")}
+    ops: dict[str, dict[str, Any]] = {op: {} for op in ("eq", "ne", "lt", "lte", "gt", "gte")}
     ops["in"] = {"type": "array", "minItems": 1}
     test = {"anyOf": [{"type": ["string", "number", "boolean"]},
                       {"type": "object", "properties": ops, "additionalProperties": False, "minProperties": 1}]}

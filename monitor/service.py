@@ -80,7 +80,7 @@ class MonitorService:
         self._newly_assigned: list[TopicPartition] = []
         self._gauges_at = 0.0
         self.reload_requested = threading.Event()
-        self.audit_store = None  # an AlertStore when configured: rules loads and switches are audited
+        self.audit_store: Any = None  # an AlertStore when configured: rules loads and switches are audited
         self._rules_fingerprint = _fingerprint(monitor.rules.directory)
         self._watched_at = time.monotonic()
         self.stats = {"events": 0, "rejected": 0, "alerts_published": 0, "alerts_suppressed": 0}
@@ -200,7 +200,7 @@ class MonitorService:
         m, mon = self.metrics, self.monitor
         m.set_gauge(m.subjects, "subjects", Tally((s.site_id, s.arm or "unknown") for s in mon.subjects.values()))
         m.set_gauge(m.open_alerts, "open", Tally((a.site_id, a.severity) for a in mon.book.open_alerts()))
-        pending = Tally({(s.site_id,): 0 for s in mon.subjects.values()})  # every known site has a series
+        pending: Tally[tuple[str, ...]] = Tally({(s.site_id,): 0 for s in mon.subjects.values()})
         pending.update((mon.subjects[s].site_id,) for s in mon.deadlines.pending() if s in mon.subjects)
         m.set_gauge(m.deadlines_pending, "deadlines", pending)
         if self.source is not None:
@@ -217,7 +217,7 @@ class MonitorService:
         self.source.commit(done)
         self.state.ready = not self.state.rebuild_until and bool(self.source.assignment())
 
-    metrics_server = None
+    metrics_server: Any = None
 
     def close(self) -> None:
         if self.metrics_server is not None:
@@ -299,7 +299,8 @@ class MonitorService:
                                           action=action, data=data)
 
     def run(self, stop: threading.Event) -> None:
-        assert self.source is not None
+        if self.source is None:
+            raise RuntimeError("attach() a source before run()")
         timeout_ms = int(self.settings.tick_seconds * 1000)
         while not stop.is_set():
             if self.reload_requested.is_set() or self._rules_changed():

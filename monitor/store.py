@@ -9,6 +9,7 @@ to the hash-chained audit trail in the same transaction.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 import sqlite3
@@ -120,12 +121,12 @@ class AlertStore:
         cur.execute("INSERT INTO audit (seq, at, actor, action, data, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (seq, at, actor, action, json.dumps(data, sort_keys=True), prev, digest))
 
-    def audit_entries(self) -> list[AuditEntry]:
+    def audit_entries(self) -> "builtins.list[AuditEntry]":
         with self._tx() as cur:
             cur.execute("SELECT seq, at, actor, action, data, prev_hash, hash FROM audit ORDER BY seq")
             return [AuditEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in cur.fetchall()]
 
-    def verify_audit(self) -> list[str]:
+    def verify_audit(self) -> "builtins.list[str]":
         return verify(self.audit_entries())
 
     def record_event(self, *, actor: str, action: str, data: dict[str, Any]) -> None:
@@ -183,13 +184,14 @@ class AlertStore:
             return out
 
     def list(self, *, state: str | None = None, site: str | None = None, rule: str | None = None,
-             limit: int = 200) -> list[dict[str, Any]]:
+             limit: int = 200) -> "builtins.list[dict[str, Any]]":
         where, args = [], []
         for column, value in (("state", state), ("site_id", site), ("rule", rule)):
             if value:
                 where.append(f"{column} = ?")
                 args.append(value)
-        sql = ("SELECT alert_id, state, severity, rule, subject_id, site_id, at FROM alerts"
+        # column names are fixed above; every value is a bound parameter
+        sql = ("SELECT alert_id, state, severity, rule, subject_id, site_id, at FROM alerts"  # noqa: S608
                + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY at, alert_id LIMIT ?")
         with self._tx() as cur:
             cur.execute(sql, (*args, limit))
@@ -226,7 +228,7 @@ class AlertStore:
             self._audit(cur, actor=by, action=f"alert_{action}", data={"alert_id": alert_id, "reason": reason})
 
     # ---- outbox -----------------------------------------------------------------------------------------------
-    def due_deliveries(self, *, limit: int = 100) -> list[tuple[str, str, str, int]]:
+    def due_deliveries(self, *, limit: int = 100) -> "builtins.list[tuple[str, str, str, int]]":
         with self._tx() as cur:
             cur.execute("SELECT alert_id, status, sink, attempts FROM outbox WHERE delivered_at IS NULL "
                         "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (_now(), limit))
