@@ -28,11 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_kafka import produce_all, raw_consume_rate  # noqa: E402
+from benchmarks.bench_kafka import bench_stream, produce_all  # noqa: E402
 from monitor.broker import LocalBroker, free_port  # noqa: E402
 from monitor.generate import generate  # noqa: E402
 from tests.connectors.kafkatools import (  # noqa: E402
-    ServiceProcess, create_topics, read_topic, wait_until_consumed)
+    ServiceProcess, create_topics, read_topic)
 
 
 def bench_replay(subjects: int, days: int) -> dict:
@@ -53,40 +53,6 @@ def engine_session_kb() -> float:
             "print((rss()-a)/500)")
     return round(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                       cwd=ROOT).stdout), 1)
-
-
-def bench_stream(broker: LocalBroker, subjects: int, rate: float, tmp: Path) -> dict:
-    tag = uuid.uuid4().hex[:6]
-    events = list(generate(subjects=subjects, days=60, seed=21, deviation_rate=0.3))
-    topics = {"events": f"ev-{tag}", "alerts": f"al-{tag}", "dead": f"dl-{tag}"}
-    create_topics(broker.bootstrap, {topics["events"]: 3, topics["alerts"]: 3, topics["dead"]: 1})
-    produce_all(broker.bootstrap, topics["events"], events)
-    raw = raw_consume_rate(broker.bootstrap, topics["events"], len(events))
-    group = f"b-{tag}"
-    service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=tmp / "e2e.log")
-    started = time.perf_counter()
-    service.start()
-    wait_until_consumed(broker.bootstrap, group, topics["events"], 1800)
-    e2e = len(events) / (time.perf_counter() - started)
-    service.stop()
-    # latency at a steady rate, a fresh service already in its group
-    lat = list(generate(subjects=max(10, subjects // 3), days=60, seed=22, deviation_rate=1.0))
-    for e in lat:
-        e["subject_id"], e["event_id"] = "L" + e["subject_id"], "L" + e["event_id"]
-    lt = {"events": f"lev-{tag}", "alerts": f"lal-{tag}", "dead": f"ldl-{tag}"}
-    create_topics(broker.bootstrap, {lt["events"]: 3, lt["alerts"]: 3, lt["dead"]: 1})
-    lsvc = ServiceProcess(bootstrap=broker.bootstrap, topics=lt, group=f"l-{tag}", log=tmp / "lat.log").start()
-    time.sleep(8)
-    stamps = produce_all(broker.bootstrap, lt["events"], lat, rate=rate)
-    wait_until_consumed(broker.bootstrap, f"l-{tag}", lt["events"], 600)
-    lsvc.stop()
-    latencies = sorted((m.timestamp - max(stamps[e] for e in json.loads(m.value)["evidence"]["events"] if e in stamps))
-                       / 1000 for m in read_topic(broker.bootstrap, lt["alerts"])
-                       if any(e in stamps for e in json.loads(m.value)["evidence"].get("events", [])))
-    pct = lambda p: round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 4) if latencies else None  # noqa: E731
-    return {"stream_events": len(events), "raw_consume_events_per_s": round(raw), "e2e_events_per_s": round(e2e),
-            "e2e_over_raw": round(e2e / raw, 3), "latency_rate_events_per_s": rate, "latency_alerts": len(latencies),
-            "latency_p50_s": pct(0.5), "latency_p99_s": pct(0.99)}
 
 
 def bench_deadlines(broker: LocalBroker, count: int, tmp: Path) -> dict:
