@@ -30,8 +30,15 @@ class KafkaSecurity(BaseModel):
     sasl_plain_username: str | None = None
     sasl_plain_password: SecretStr | None = None
 
+    reconnect_backoff_max_ms: int = 2000
+    bootstrap_timeout_ms: int = 5000
+
     def client_options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        """Options for every kafka-python client: security, and short connection back-offs so a client fails fast
+        and the service's own retry loop (which also listens for SIGTERM) does the waiting."""
+        out: dict[str, Any] = {"security_protocol": self.security_protocol,
+                               "reconnect_backoff_max_ms": self.reconnect_backoff_max_ms,
+                               "bootstrap_timeout_ms": self.bootstrap_timeout_ms}
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism", "sasl_plain_username"):
             value = getattr(self, name)
             if value is not None:

@@ -225,6 +225,8 @@ class MonitorService:
         if self.audit_store is not None:
             self.audit_store.close()
         for part in (self.source, self.alerts, self.dead_letters):
+            if part is None:
+                continue
             closer = getattr(part, "close", None)
             if closer is not None:
                 closer()
@@ -314,8 +316,34 @@ class MonitorService:
         log.info("stopping: offsets committed up to the last acknowledged alerts")
 
 
-def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | None = None) -> MonitorService:
-    """Wire the service from settings: rules, engine, Kafka source and sinks. Call `run(stop)`, then `close()`."""
+class _StoppedWhileConnecting(Exception):
+    """The operator stopped the service before the broker answered."""
+
+
+def _connect(what: str, make: Callable[[], Any], *, settings: Settings, stop: threading.Event | None) -> Any:
+    """Create a Kafka client, retrying with back-off while the broker is unreachable (never crash at start)."""
+    from kafka.errors import KafkaError
+
+    delay = 1.0
+    while True:
+        try:
+            return make()
+        except KafkaError as exc:
+            if stop is not None and stop.is_set():
+                raise _StoppedWhileConnecting() from exc
+            log.warning("Kafka broker unreachable at %s (%s: %s); retrying in %.0f s — not ready until connected",
+                        settings.bootstrap_servers, what, type(exc).__name__, delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | None = None,
+                  stop: threading.Event | None = None) -> MonitorService:
+    """Wire the service from settings: rules, engine, health endpoint, then the Kafka source and sinks (retried
+    with back-off until the broker answers). Call `run(stop)`, then `close()`."""
     from connectors.kafka_alerts import KafkaAlertSink, published_alerts
     from connectors.kafka_dead_letter import KafkaDeadLetterSink
     from connectors.kafka_events import KafkaEventSource
@@ -337,21 +365,26 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
         store = AlertStore(url=settings.store)
         store.record_rules_loaded(version=rules.version, directory=str(rules.directory), rules=len(rules.rules),
                                   actor=f"{settings.client_id}@{settings.group_id}")
-    alerts = KafkaAlertSink(settings=settings)
-    dead = KafkaDeadLetterSink(settings=settings)
     metrics = Metrics(registry=CollectorRegistry())
     metrics.rules.info({"version": rules.version})
-    service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=alerts, dead_letters=dead,
-                             published=set(), on_alert=on_alert,
-                             refresh_published=lambda: published_alerts(settings=settings), metrics=metrics)
+    service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=None,  # type: ignore[arg-type]
+                             dead_letters=None, published=set(),  # type: ignore[arg-type]
+                             on_alert=on_alert, refresh_published=lambda: published_alerts(settings=settings),
+                             metrics=metrics)
     service.audit_store = store
-    if settings.metrics_port:
+    if settings.metrics_port:  # up before Kafka: /healthz answers, /readyz says "not ready" while we connect
         service.metrics_server = HealthServer(registry=metrics.registry, host=settings.metrics_host,
                                               port=settings.metrics_port, ready=lambda: service.state.ready).start()
         log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", settings.metrics_host,
                  settings.metrics_port)
-    service.attach(KafkaEventSource(settings=settings, on_assigned=service.on_assigned,
-                                    on_revoked=service.on_revoked))
+    service.alerts = _connect("alerts producer", lambda: KafkaAlertSink(settings=settings), settings=settings,
+                              stop=stop)
+    service.dead_letters = _connect("dead-letter producer", lambda: KafkaDeadLetterSink(settings=settings),
+                                    settings=settings, stop=stop)
+    service.attach(_connect("events consumer", lambda: KafkaEventSource(
+        settings=settings, on_assigned=service.on_assigned, on_revoked=service.on_revoked),
+        settings=settings, stop=stop))
+    log.info("connected to %s", settings.bootstrap_servers)
     return service
 
 
@@ -359,7 +392,11 @@ def run_service(settings: Settings, *, stop: threading.Event,
                 on_alert: Callable[[Alert], None] | None = None,
                 on_ready: Callable[[MonitorService], None] | None = None) -> MonitorService:
     """Build the service and run it until `stop` is set. Returns the service (for its stats)."""
-    service = build_service(settings, on_alert=on_alert)
+    try:
+        service = build_service(settings, on_alert=on_alert, stop=stop)
+    except _StoppedWhileConnecting:
+        log.info("stopped before the broker answered")
+        raise SystemExit(0) from None
     if on_ready is not None:
         on_ready(service)
     try:
