@@ -4,7 +4,6 @@ is refused with its file and line while the old one keeps running."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import time

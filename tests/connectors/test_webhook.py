@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,29 +11,9 @@ import pytest
 
 from connectors.delivery import DeliveryError
 from connectors.webhook import WebhookSink
-from monitor.alerts import Alert, alert_id
-
-
-def make_alert(status: str = "raised") -> Alert:
-    aid = alert_id("DOSE-H12-MISSED-ESCALATION", "ANA-004", "ladder_step:H12", 0)
-    return Alert(
-        alert_id=aid, status=status, retracts=aid if status == "retracted" else None,
-        rule="DOSE-H12-MISSED-ESCALATION", title="Febrile at H12 but no supplementary dose",
-        subject_id="ANA-004", site_id="FR-BIC-01", severity="major", category="dosing",
-        at="2025-02-10T23:30:00+01:00", detected_at="2025-02-11T01:30:00+01:00", rule_version="a31d264df3db",
-        message="Febrile at H12 (38.5 C at 2025-02-10T20:10:00+01:00) but only 0.0 mg/kg was given in the "
-                "escalation window 2025-02-10T19:30:00+01:00 to 2025-02-10T23:30:00+01:00.",
-        expects="A supplementary 2 mg/kg (>= 1.8) in [H12-1h, H12+3h] when febrile at H12.",
-        evidence={"fact": "ladder_step", "events": ["ANA-004-E001", "ANA-004-E020"],
-                  "values": {"assessed_c": 38.5, "given_mg_per_kg": 0.0, "febrile": True,
-                             "window_start": "2025-02-10T19:30:00+01:00",
-                             "window_end": "2025-02-10T23:30:00+01:00"}})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from monitor.alerts import Alert
+from monitor.broker import free_port
+from tests.connectors.sample_alert import make_alert
 
 
 class Receiver:
