@@ -39,7 +39,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         return 2
     rules = load_rules(args.rules)
     clock = ReplayClock()
-    monitor = Monitor.create(rules=rules, clock=clock)
+    monitor = Monitor.create(rules=rules, clock=clock, max_events_per_subject=args.max_events_per_subject)
     summary = replay(source=JsonLinesSource(paths=args.files), monitor=monitor, clock=clock,
                      alerts=JsonLinesAlertSink(stream=sys.stdout), rejects=TextRejectSink(stream=sys.stderr),
                      until=args.until)
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_instant, default=None,
                    help="evaluation horizon: after the input, deadlines up to this instant are evaluated")
     p.add_argument("--rules", default=None, metavar="DIR", help="rules directory (default: the bundled rules/)")
+    p.add_argument("--max-events-per-subject", type=int, default=10_000, metavar="N",
+                   help="new events of a subject beyond N are rejected as subject_limit (default 10000)")
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("run", help="run the service: events from Kafka, alerts and dead letters to Kafka")

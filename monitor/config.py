@@ -71,7 +71,10 @@ class Settings(BaseSettings):
     poll_max_records: int = Field(default=500, ge=1)
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
-    max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    max_message_bytes: int = Field(default=1_000_000, ge=1024, description="bigger events go to the dead letters "
+                                   "(too_large)")
+    max_events_per_subject: int = Field(default=10_000, ge=1, description="event versions held per subject; new "
+                                        "events beyond it go to the dead letters (subject_limit)")
     kafka: KafkaSecurity = Field(default_factory=KafkaSecurity)
     store: str | None = Field(default=None, description="alert store: sqlite:///PATH or postgresql://... "
                               "(notify and alerts default to sqlite:///alerts.db; run records rules loads there)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ from monitor.alerts import Alert, AlertBook
 from monitor.clock import Clock, DeadlineScheduler
 from monitor.derive import Deriver
 from monitor.engine import RulesEngine
-from monitor.events import canonical
+from monitor.errors import EventRejected
+from monitor.events import Event, canonical
 from monitor.rules import RuleSet
 from monitor.state import Applied, SubjectState
 
@@ -30,11 +32,17 @@ class Stats:
     evaluations: int = 0
 
 
+MAX_EVENTS_PER_SUBJECT = 10_000
+"""Default bound on the event versions held for one subject (a real subject has a few hundred over the trial)."""
+
+
 class Monitor:
     """Holds every subject's state and turns events and the passage of time into alert records."""
 
-    def __init__(self, *, rules: RuleSet, engine: RulesEngine, clock: Clock) -> None:
+    def __init__(self, *, rules: RuleSet, engine: RulesEngine, clock: Clock,
+                 max_events_per_subject: int = MAX_EVENTS_PER_SUBJECT) -> None:
         self.rules = rules
+        self.max_events_per_subject = max_events_per_subject
         self.engine = engine
         self.clock = clock
         self.deriver = Deriver(params=rules.parameters, tables=rules.tables)
@@ -47,9 +55,27 @@ class Monitor:
         self._facts_read = rules.facts_read()
 
     @classmethod
-    def create(cls, *, rules: RuleSet, clock: Clock) -> "Monitor":
+    def create(cls, *, rules: RuleSet, clock: Clock, max_events_per_subject: int = MAX_EVENTS_PER_SUBJECT,
+               ) -> "Monitor":
         engine = RulesEngine(definition=rules.engine_definition(), version=rules.version)
-        return cls(rules=rules, engine=engine, clock=clock)
+        return cls(rules=rules, engine=engine, clock=clock, max_events_per_subject=max_events_per_subject)
+
+    def admit(self, event: Event, pending: Sequence[tuple[Any, ...]] = ()) -> None:
+        """Refuse (EventRejected `subject_limit`) a new event that would take its subject past the bound on held
+        events; `pending` are the batch items not yet ingested. Amendments and retries of held events always pass:
+        they do not grow the state. A refused event goes to the dead letters like any other rejected one."""
+        state = self.subjects.get(event.subject_id)
+        held = state.events if state is not None else {}
+        if event.event_id in held:
+            return
+        queued = {item[0].event_id for item in pending
+                  if item[0].subject_id == event.subject_id and item[0].event_id not in held}
+        if event.event_id in queued or len(held) + len(queued) < self.max_events_per_subject:
+            return
+        raise EventRejected("subject_limit", f"its subject already holds the maximum of "
+                            f"{self.max_events_per_subject} events (max_events_per_subject); the event was not "
+                            "applied: check the source for a feed loop, or raise the limit and replay the "
+                            "dead letters", event_id=event.event_id)
 
     # ---- input ------------------------------------------------------------------------------------------------
     def ingest(self, batch: list[tuple[Any, ...]]) -> list[Alert]:

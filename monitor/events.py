@@ -225,11 +225,11 @@ def _reason_for(errors: list[Any]) -> str:
     return "invalid_field"
 
 
-def decode(raw: bytes | str) -> dict[str, Any]:
-    """Turn raw bytes into a JSON object, or reject with the reason."""
+def decode(raw: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> dict[str, Any]:
+    """Turn raw bytes into a JSON object, or reject with the reason (`too_large` above `max_bytes`)."""
     size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
-    if size > MAX_EVENT_BYTES:
-        raise EventRejected("too_large", f"event is {size} bytes; the limit is {MAX_EVENT_BYTES}")
+    if size > max_bytes:
+        raise EventRejected("too_large", f"event is {size} bytes; the limit is {max_bytes} (max_message_bytes)")
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -69,6 +69,7 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
         try:
             payload = decode(record.value)
             event = parse_event(payload)
+            monitor.admit(event, batch if batch and event.recorded_at == batch[0][0].recorded_at else [])
         except EventRejected as exc:
             summary.rejected[exc.reason] += 1
             rejects.add(record, exc)

@@ -138,8 +138,9 @@ class MonitorService:
             tp = TopicPartition(rec.topic, rec.partition)
             offsets[tp] = int(rec.offset) + 1  # type: ignore[arg-type]
             try:
-                payload = decode(rec.value)
+                payload = decode(rec.value, max_bytes=self.settings.max_message_bytes)
                 event = parse_event(payload)
+                self.monitor.admit(event, batch if batch and batch[0][0].recorded_at == event.recorded_at else [])
             except EventRejected as exc:
                 self.stats["rejected"] += 1
                 if self.metrics is not None:
@@ -262,7 +263,7 @@ class MonitorService:
         if rules.version == old.rules.version:
             return False
         started = time.monotonic()
-        new = Monitor.create(rules=rules, clock=self.clock)
+        new = Monitor.create(rules=rules, clock=self.clock, max_events_per_subject=old.max_events_per_subject)
         stored = sorted((st for state in old.subjects.values() for st in state.events.values()),
                         key=lambda st: (st.event.recorded_at, st.seq))
         batch: list[tuple[Any, ...]] = []
@@ -355,7 +356,7 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     started = time.monotonic()
     rules = load_rules(settings.rules)
     clock = ReplayClock()
-    monitor = Monitor.create(rules=rules, clock=clock)
+    monitor = Monitor.create(rules=rules, clock=clock, max_events_per_subject=settings.max_events_per_subject)
     log.info("rules version %s loaded (%d rules) in %.1f s", rules.version, len(rules.rules),
              time.monotonic() - started)
     store = None
