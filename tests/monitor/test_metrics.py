@@ -85,3 +85,20 @@ def test_health_endpoints(tmp_path):
         assert "protocol_monitor_rules_info{version=\"abc123\"} 1.0" in text
     finally:
         server.shutdown()
+
+
+def test_the_endpoint_listens_only_on_the_configured_address():
+    """The default is loopback; a deployment chooses its interface explicitly (here another loopback address)."""
+    from monitor.config import Settings
+
+    assert Settings().metrics_host == "127.0.0.1"
+    server = HealthServer(registry=CollectorRegistry(), host="127.0.0.2", port=0, ready=lambda: True).start()
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.2:{server.port}/healthz", timeout=5).status == 200
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
+            raise AssertionError("the endpoint answered on an address it was not configured for")
+        except urllib.error.URLError as exc:
+            assert isinstance(exc.reason, ConnectionRefusedError)
+    finally:
+        server.shutdown()
