@@ -72,9 +72,12 @@ def test_temperature_normalisation_never_raises_and_valid_means_plausible(temper
         assert t.problem in ("unit_suspect", "nonprotocol_site", "unit_unrecognized")
 
 
+ANC_FACTORS = load_rules().parameters.units.anc_to_10e9_per_l
+
+
 @given(value=st.floats(allow_nan=False, allow_infinity=False, width=32), unit=st.text(max_size=10))
 def test_anc_conversion_knows_a_unit_or_says_none(value, unit):
-    factors = load_rules().parameters.units.anc_to_10e9_per_l
+    factors = ANC_FACTORS
     converted = nm.convert(value, unit, factors)
     assert converted is None or nm.unit_key(unit) in {nm.unit_key(k) for k in factors}
 
