@@ -221,6 +221,12 @@ class SaslPlainGateway:
         except (OSError, IndexError, ValueError):
             authenticated = False
         if not authenticated:
+            # like Kafka (connection.failed.authentication.delay.ms), close only after the client read the
+            # refusal: closing at once can reset the connection before the answer arrives
+            with contextlib.suppress(OSError):
+                client.settimeout(1.0)
+                while client.recv(4096):
+                    pass
             for sock in (client, upstream):
                 sock.close()
             return
