@@ -2,7 +2,9 @@
 
 Sources, highest first: command-line flags, environment variables (`PROTOCOL_MONITOR_…`, nested with `__`, e.g.
 `PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD`), the YAML file given with `--config`, the defaults below.
-Secrets come from the environment or files only and are never printed (`SecretStr`).
+Secrets come from the environment or files only and are never printed (`SecretStr`): the SASL password from
+`PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD` or from the file named by `kafka.sasl_plain_password_file` (a mounted
+secret); a password written into the YAML file is refused, because configuration files end up in version control.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from monitor.errors import ConfigError
@@ -29,9 +32,29 @@ class KafkaSecurity(BaseModel):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: SecretStr | None = None
+    sasl_plain_password_file: Path | None = Field(
+        default=None, description="a file holding the SASL password (e.g. a mounted Kubernetes/Docker secret)")
 
     reconnect_backoff_max_ms: int = 2000
     bootstrap_timeout_ms: int = 5000
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> "KafkaSecurity":
+        """Read the password file once, at load; the error names the file, never its content."""
+        if self.sasl_plain_password_file is None:
+            return self
+        if self.sasl_plain_password is not None:
+            raise ValueError("set the SASL password in one place: the environment or sasl_plain_password_file")
+        try:
+            text = self.sasl_plain_password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read sasl_plain_password_file {self.sasl_plain_password_file}: "
+                             f"{exc.strerror or type(exc).__name__}") from None
+        password = text.rstrip("\r\n")
+        if not password:
+            raise ValueError(f"sasl_plain_password_file {self.sasl_plain_password_file} is empty")
+        self.sasl_plain_password = SecretStr(password)
+        return self
 
     def client_options(self) -> dict[str, Any]:
         """Options for every kafka-python client: security, and short connection back-offs so a client fails fast
@@ -93,10 +116,29 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+SECRETS_IN_FILE_REFUSED = ("sasl_plain_password",)
+
+
+def _refuse_secrets_in_file(config_file: Path) -> None:
+    """A password in the YAML file would be committed with it: refuse, and say where it belongs instead."""
+    try:
+        data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # the settings source reports unreadable or malformed files itself
+    kafka = data.get("kafka") if isinstance(data, dict) else None
+    for name in SECRETS_IN_FILE_REFUSED:
+        if isinstance(kafka, dict) and name in kafka:
+            raise ConfigError(f"{config_file}: kafka.{name} must not be written in the configuration file (it "
+                              f"would end up in version control); set PROTOCOL_MONITOR_KAFKA__{name.upper()} in "
+                              f"the environment, or kafka.{name}_file to a file that holds it")
+
+
 def load_settings(*, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build the settings from a YAML file, the environment and explicit overrides (flags). Raises ConfigError."""
     if config_file is not None and not Path(config_file).is_file():
         raise ConfigError(f"configuration file not found: {config_file}")
+    if config_file is not None:
+        _refuse_secrets_in_file(Path(config_file))
     model: type[Settings] = Settings
     if config_file is not None:
         model = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config_file}})

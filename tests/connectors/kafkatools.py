@@ -20,16 +20,17 @@ DATETIME_FIELDS = ("occurred_at", "recorded_at", "start_at", "end_at", "infusion
 DATE_FIELDS = ("birth_date",)
 
 
-def create_topics(bootstrap: str, names: dict[str, int]) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+def create_topics(bootstrap: str, names: dict[str, int], **security: Any) -> None:
+    """`security`: kafka-python client options (security_protocol, ssl_cafile, sasl_...) for a secured broker."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **security)
     try:
         admin.create_topics([NewTopic(n, p, 1) for n, p in names.items()])
     finally:
         admin.close()
 
 
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=8_000_000)
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]], **security: Any) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=8_000_000, **security)
     for key, value in records:
         producer.send(topic, key=key, value=value)
     producer.flush()
@@ -40,9 +41,10 @@ def events_as_records(events: list[dict[str, Any]]) -> list[tuple[bytes | None, 
     return [(e.get("subject_id", "").encode(), json.dumps(e).encode()) for e in events]
 
 
-def read_topic(bootstrap: str, topic: str, *, until: Any = None, timeout_s: float = 60.0) -> list[Any]:
+def read_topic(bootstrap: str, topic: str, *, until: Any = None, timeout_s: float = 60.0,
+               **security: Any) -> list[Any]:
     """All messages of a topic; with `until(messages) -> bool`, keeps reading until it holds or time runs out."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **security)
     consumer.topics()
     parts = consumer.partitions_for_topic(topic) or set()
     tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -81,7 +83,8 @@ class ServiceProcess:
     """`protocol-monitor run` as a child process, stopped (or killed) by its PID."""
 
     def __init__(self, *, bootstrap: str, topics: dict[str, str], group: str, log: Path,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}  # e.g. PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD
         self.argv = [sys.executable, "-m", "monitor", "run", "--bootstrap-servers", bootstrap,
                      "--events-topic", topics["events"], "--alerts-topic", topics["alerts"],
                      "--dead-letter-topic", topics["dead"], "--group-id", group, *(extra or [])]
@@ -90,7 +93,7 @@ class ServiceProcess:
 
     def start(self) -> "ServiceProcess":
         env = dict(os.environ, PYTHONUNBUFFERED="1", PROTOCOL_MONITOR_SESSION_TIMEOUT_MS="6000",
-                   PROTOCOL_MONITOR_HEARTBEAT_INTERVAL_MS="1000")
+                   PROTOCOL_MONITOR_HEARTBEAT_INTERVAL_MS="1000", **self.env)
         self.proc = subprocess.Popen(self.argv, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env)
         return self
 

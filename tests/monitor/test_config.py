@@ -35,3 +35,62 @@ def test_bad_values_and_missing_file_are_clear_errors(tmp_path):
     bad.write_text("evnets_topic: x\n")
     with pytest.raises(ConfigError, match="evnets_topic"):
         load_settings(config_file=bad)
+
+
+SASL_YAML = "kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: PLAIN\n  sasl_plain_username: monitor\n"
+
+
+def test_password_from_the_environment_is_never_printed(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "monitor.yaml"
+    cfg.write_text(SASL_YAML)
+    monkeypatch.setenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD", "env-pw-8c1f")
+    s = load_settings(config_file=cfg)
+    assert s.kafka.client_options()["sasl_plain_password"] == "env-pw-8c1f"
+    print(s, repr(s), s.kafka, s.model_dump(), s.model_dump_json())
+    assert "env-pw-8c1f" not in capsys.readouterr().out
+
+
+def test_password_from_a_file(tmp_path, monkeypatch, capsys):
+    secret = tmp_path / "kafka-password"
+    secret.write_text("file-pw-51d0\n")  # a trailing newline, as `echo` and most secret mounts leave it
+    cfg = tmp_path / "monitor.yaml"
+    cfg.write_text(SASL_YAML + f"  sasl_plain_password_file: {secret}\n")
+    monkeypatch.delenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD", raising=False)
+    s = load_settings(config_file=cfg)
+    assert s.kafka.client_options()["sasl_plain_password"] == "file-pw-51d0"
+    print(s, repr(s), s.model_dump(), s.model_dump_json())
+    assert "file-pw-51d0" not in capsys.readouterr().out
+    # the file can also be named in the environment
+    monkeypatch.setenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD_FILE", str(secret))
+    assert load_settings().kafka.client_options()["sasl_plain_password"] == "file-pw-51d0"
+
+
+def test_password_file_problems_are_clear_and_never_show_the_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot read sasl_plain_password_file"):
+        load_settings()
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    monkeypatch.setenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD_FILE", str(empty))
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings()
+    secret = tmp_path / "pw"
+    secret.write_text("both-pw-77aa")
+    monkeypatch.setenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD", "both-pw-77aa")
+    with pytest.raises(ConfigError, match="one place") as err:
+        load_settings()
+    assert "both-pw-77aa" not in str(err.value)
+
+
+def test_a_password_in_the_config_file_is_refused(tmp_path, monkeypatch):
+    cfg = tmp_path / "monitor.yaml"
+    cfg.write_text(SASL_YAML + "  sasl_plain_password: yaml-pw-3e9b\n")
+    monkeypatch.delenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD", raising=False)
+    with pytest.raises(ConfigError, match="PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD") as err:
+        load_settings(config_file=cfg)
+    assert "yaml-pw-3e9b" not in str(err.value)
+    # refused even when the environment also sets one: the file must be cleaned, not shadowed
+    monkeypatch.setenv("PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD", "env-pw")
+    with pytest.raises(ConfigError, match="must not be written in the configuration file"):
+        load_settings(config_file=cfg)
