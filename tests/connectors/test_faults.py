@@ -1,5 +1,6 @@
 """Faults around the broker: unreachable at start (retries with back-off, not ready, a clear log line, then it
-works when the broker appears), and SIGTERM while waiting."""
+works when the broker appears), SIGTERM while waiting, the broker gone mid-stream and back (through a proxy that
+is cut: Tansu loses everything on restart), and SIGTERM during a batch."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
+
+from kafka import KafkaProducer
 
 from monitor.broker import LocalBroker, free_port
+from monitor.generate import generate
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
+from tests.connectors.kafkatools import (
+    ServiceProcess, alert_records, create_topics, events_as_records, produce, read_topic, wait_until_consumed)
+from tests.connectors.tcpproxy import TcpProxy
 
 
 def status(url: str) -> int:
@@ -66,3 +73,95 @@ def test_sigterm_while_the_broker_is_unreachable_stops_cleanly(tmp_path):
     wait_for(log, "Kafka broker unreachable")
     assert service.stop() == 0
     assert "Traceback" not in log.read_text()
+
+
+# ---- broker gone mid-stream and back ------------------------------------------------------------------------------
+PRODUCER = "faults-test-producer"  # the proxy never cuts this client: events go on arriving during the outage
+
+
+def produce_direct(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, client_id=PRODUCER, acks="all")
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def with_bad_records(events: list[dict], every: int) -> list[tuple[bytes | None, bytes]]:
+    """The events as records, with an unparseable record after every `every`-th (each becomes a dead letter)."""
+    out: list[tuple[bytes | None, bytes]] = []
+    for i, record in enumerate(events_as_records(events)):
+        out.append(record)
+        if i % every == every - 1:
+            out.append((b"bad", b'{"this is": "not an event", "n": %d}' % i))
+    return out
+
+
+def wait_status(url: str, code: int, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (got := status(url)) != code and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
+def test_broker_gone_mid_stream_and_back_loses_and_duplicates_nothing(tmp_path):
+    """The service reaches the broker only through a proxy that is cut for several seconds while it is publishing:
+    it holds the batch (not ready, a clear log line, no commit), reconnects by itself, consumes what arrived
+    meanwhile, and the alerts topic ends with every alert of a clean run, each exactly once."""
+    events = list(generate(subjects=150, days=60, seed=5, sites=4, deviation_rate=0.6))
+    third = len(events) // 3
+    before, during = with_bad_records(events[:2 * third], 500), with_bad_records(events[2 * third:], 500)
+    proxy_port, metrics = free_port(), free_port()
+    tag = uuid.uuid4().hex[:8]
+    topics = {"events": f"mid-events-{tag}", "alerts": f"mid-alerts-{tag}", "dead": f"mid-dead-{tag}"}
+    log = tmp_path / "service.log"
+    with LocalBroker(advertised_port=proxy_port, log_path=tmp_path / "broker.log") as broker, \
+            TcpProxy(upstream_port=broker.port, port=proxy_port, bypass=frozenset({PRODUCER})) as proxy:
+        create_topics(broker.bootstrap, {topics["events"]: 3, topics["alerts"]: 3, topics["dead"]: 1})
+        produce_direct(broker.bootstrap, topics["events"], before)
+        service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=f"mid-{tag}", log=log,
+                                 extra=["--metrics-port", str(metrics)]).start()
+        try:
+            read_topic(broker.bootstrap, topics["alerts"], timeout_s=60, until=lambda m: len(m) > 0)
+            proxy.cut()  # mid-stream: the service still has most of its backlog to process and publish
+            cut_at = time.monotonic()
+            produce_direct(broker.bootstrap, topics["events"], during)  # events go on arriving meanwhile
+            wait_for(log, "did not acknowledge alert records")  # it holds a batch instead of crashing
+            assert "nothing is committed past them" in log.read_text()
+            assert status(f"http://127.0.0.1:{metrics}/readyz") == 503
+            assert status(f"http://127.0.0.1:{metrics}/healthz") == 200
+            time.sleep(max(0.0, 8.0 - (time.monotonic() - cut_at)))
+            assert service.proc is not None and service.proc.poll() is None, "the service died during the outage"
+            proxy.restore()
+            wait_for(log, "Kafka broker acknowledges again")
+            assert wait_until_consumed(broker.bootstrap, f"mid-{tag}", topics["events"], 120), log.read_text()[-3000:]
+            assert wait_status(f"http://127.0.0.1:{metrics}/readyz", 200) == 200
+            assert service.stop() == 0
+        finally:
+            service.stop()
+        assert "Traceback" not in log.read_text()
+        assert proxy.refused > 0, "the proxy never refused the service: the outage did not happen"
+        records = alert_records(read_topic(broker.bootstrap, topics["alerts"]))
+        counts = Counter((r["alert_id"], r["status"]) for r in records)
+        assert not [k for k, n in counts.items() if n > 1], "an alert record was published twice"
+        dead = read_topic(broker.bootstrap, topics["dead"])
+        origins = Counter((int(dict(m.headers)["source_partition"]), int(dict(m.headers)["source_offset"]))
+                          for m in dead)
+        assert set(origins) == bad_records(broker.bootstrap, topics["events"]), "a dead letter is missing"
+
+        # the same events through a service that never lost the broker
+        clean = {"events": topics["events"], "alerts": f"clean-alerts-{tag}", "dead": f"clean-dead-{tag}"}
+        create_topics(broker.bootstrap, {clean["alerts"]: 3, clean["dead"]: 1})
+        reference = ServiceProcess(bootstrap=broker.bootstrap, topics=clean, group=f"clean-{tag}",
+                                   log=tmp_path / "clean.log").start()
+        try:
+            assert wait_until_consumed(broker.bootstrap, f"clean-{tag}", topics["events"], 120)
+        finally:
+            assert reference.stop() == 0
+        expected = {(r["alert_id"], r["status"]) for r in alert_records(read_topic(broker.bootstrap, clean["alerts"]))}
+        assert set(counts) == expected
+
+
+def bad_records(bootstrap: str, topic: str) -> set[tuple[int, int]]:
+    """(partition, offset) of every record on the events topic that is not an event."""
+    return {(m.partition, m.offset) for m in read_topic(bootstrap, topic) if m.key == b"bad"}
