@@ -344,8 +344,11 @@ class MonitorService:
                       "\n  ".join(f"{p}:{line}: {m}" for p, line, m in exc.problems))
             if self.metrics is not None:
                 self.metrics.rules_reload_failures.inc()
-            self._audit("rules_refused", {"version_in_force": old.rules.version,
-                                          "problems": [f"{p}:{line}: {m}" for p, line, m in exc.problems][:50]})
+            try:
+                self._audit("rules_refused", {"version_in_force": old.rules.version,
+                                              "problems": [f"{p}:{line}: {m}" for p, line, m in exc.problems][:50]})
+            except MonitorError as audit_exc:
+                log.error("the audit trail could not record the refused rules: %s", audit_exc)
             return False
         if rules.version == old.rules.version:
             return False
@@ -498,9 +501,14 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     if settings.store:
         from monitor.store import AlertStore
 
-        store = AlertStore(url=settings.store)
-        store.record_rules_loaded(version=rules.version, directory=str(rules.directory), rules=len(rules.rules),
-                                  actor=f"{settings.client_id}@{settings.group_id}")
+        try:  # the audit trail says which rules were in force: the service does not run rules it cannot record
+            store = AlertStore(url=settings.store)
+            store.record_rules_loaded(version=rules.version, directory=str(rules.directory), rules=len(rules.rules),
+                                      actor=f"{settings.client_id}@{settings.group_id}")
+        except MonitorError as exc:
+            log.error("not starting: the audit trail cannot record rules version %s, so nothing is consumed "
+                      "(alerts wait on the events topic). %s", rules.version, exc)
+            raise
     metrics = Metrics(registry=CollectorRegistry())
     metrics.rules.info({"version": rules.version})
     service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=None,  # type: ignore[arg-type]

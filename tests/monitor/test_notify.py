@@ -278,3 +278,20 @@ def test_store_full_then_read_only_the_notifier_stops_says_why_and_loses_nothing
         assert [e.action for e in store.audit_entries()].count("alert_raised") == 35
     finally:
         store.close()
+
+
+def test_run_with_an_unwritable_audit_store_refuses_to_start_and_says_why(small_disk, tmp_path):
+    """`protocol-monitor run --store` records the rules version it loads; on a read-only volume it does not start
+    (exit 1, one clear line, no traceback) rather than run rules the audit trail does not show."""
+    import subprocess
+    import sys
+
+    from monitor.broker import free_port
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)  # noqa: S603, S607
+    done = subprocess.run([sys.executable, "-m", "monitor", "run", "--bootstrap-servers",  # noqa: S603
+                           f"127.0.0.1:{free_port()}", "--store", f"sqlite:///{small_disk / 'alerts.db'}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "not starting: the audit trail cannot record rules version" in done.stderr
+    assert "mounted read-only" in done.stderr and "Traceback" not in done.stderr

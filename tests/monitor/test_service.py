@@ -223,3 +223,48 @@ def test_alerts_of_a_rules_switch_wait_too(expected, tmp_path):
     changed = Counter((a.rule, a.status) for a in alerts.records[before:])
     assert changed[("DOSE-MAX-EXCEEDED", "retracted")] >= 1 and changed[("DOSE-MAX-EXCEEDED-V2", "raised")] >= 1
     assert max(Counter((a.alert_id, a.status) for a in alerts.records).values()) == 1
+
+
+def test_an_audit_store_that_cannot_be_written_keeps_the_rules_in_force_and_the_alerts_flowing(tmp_path, caplog):
+    """`run --store` records every rules switch in the audit trail. If it cannot (here SQLite is made genuinely
+    full with max_page_count), the new version is not used, the old one stays in force, and alerts keep flowing;
+    once the store has room, the next reload switches."""
+    import shutil
+
+    from monitor.rules import DEFAULT_RULES_DIR
+    from monitor.store import AlertStore, StoreUnavailable
+
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(DEFAULT_RULES_DIR, rules_dir)
+    first, second = RECORDS[:40], RECORDS[40:]
+    clock = ReplayClock()
+    alerts, dead = Topic(), Topic()
+    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=alerts,
+                         dead_letters=dead, monitor=Monitor.create(rules=load_rules(rules_dir), clock=clock),
+                         published=set(), refresh_published=alerts.keys)
+    store = AlertStore(url=f"sqlite:///{tmp_path / 'audit.db'}")
+    svc.audit_store = store
+    source = Source([first, second])
+    svc.attach(source)
+    stop = threading.Event()
+    svc.run_once(stop)
+    version = svc.monitor.rules.version
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreUnavailable):  # fill what room is left in those pages
+        for i in range(1000):
+            store.record_event(actor="test", action="filler", data={"n": i, "pad": "x" * 200})
+    victim = next(p for p in sorted(rules_dir.glob("*.yaml")) if "DOSE-MAX-EXCEEDED" in p.read_text())
+    victim.write_text(victim.read_text().replace("DOSE-MAX-EXCEEDED", "DOSE-MAX-EXCEEDED-V2"))
+    with caplog.at_level(logging.ERROR, logger="monitor.service"):
+        assert svc.reload_rules() is False
+    assert svc.monitor.rules.version == version
+    assert "NOT switched" in caplog.text and "database or disk is full" in caplog.text
+    published = len(alerts.records)
+    svc.run_once(stop)  # the next batch is processed and published under the rules in force
+    assert source.commits[-1] == {TP: len(RECORDS)} and len(alerts.records) > published
+    assert {a.rule_version for a in alerts.records} == {version}
+    store._conn.execute(f"PRAGMA max_page_count = {pages * 100}")
+    assert svc.reload_rules() is True and svc.monitor.rules.version != version
+    assert [e.action for e in store.audit_entries()].count("rules_switched") == 1 and store.verify_audit() == []
+    store.close()
