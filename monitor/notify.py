@@ -69,6 +69,7 @@ def run_notifier(settings: Settings, *, stop: threading.Event) -> Notifier:
     """Consume the alerts topic into the store and deliver, until `stop`. Raises StoreUnavailable (after
     committing what was stored and logging why) when the store cannot be written."""
     from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata
 
     store = AlertStore(url=settings.store or "sqlite:///alerts.db")
@@ -94,7 +95,10 @@ def run_notifier(settings: Settings, *, stop: threading.Event) -> Notifier:
                     except ValueError as exc:  # not an alert record: counted and logged, never fatal
                         log.error("not an alert record at %s/%d@%d: %s", m.topic, m.partition, m.offset, exc)
                     except StoreUnavailable as exc:
-                        commit(stored)
+                        try:
+                            commit(stored)
+                        except KafkaError as commit_exc:  # harmless: stored records are recognised when read again
+                            log.warning("could not commit the stored records either (%s)", commit_exc)
                         log.error("alert store could not store the alert record at %s/%d@%d: stopped consuming; "
                                   "offsets are committed only up to the last stored record, so this record and "
                                   "the ones after it wait on the topic and are stored at the next start. %s",

@@ -230,11 +230,16 @@ class AlertStore:
             cur.execute("INSERT INTO records (alert_id, status, record, stored_at) VALUES (?, ?, ?, ?)",
                         (alert.alert_id, alert.status, record, now))
             if alert.status == "raised":
+                # a withdrawal can arrive first (records re-sent after a broker outage): the alert is then withdrawn
+                cur.execute("SELECT 1 FROM records WHERE alert_id = ? AND status = 'retracted'", (alert.alert_id,))
+                withdrawn = cur.fetchone() is not None
                 cur.execute(
                     "INSERT INTO alerts (alert_id, rule, subject_id, site_id, severity, category, at, detected_at, "
-                    "rule_version, message, record, state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "rule_version, message, record, state, updated_at, withdrawn_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (alert.alert_id, alert.rule, alert.subject_id, alert.site_id, alert.severity, alert.category,
-                     alert.at, alert.detected_at, alert.rule_version, alert.message, record, "raised", now))
+                     alert.at, alert.detected_at, alert.rule_version, alert.message, record,
+                     "withdrawn" if withdrawn else "raised", now, now if withdrawn else None))
             else:
                 cur.execute("UPDATE alerts SET state = CASE WHEN state = 'closed' THEN state ELSE 'withdrawn' END, "
                             "withdrawn_at = ?, updated_at = ? WHERE alert_id = ?", (now, now, alert.alert_id))

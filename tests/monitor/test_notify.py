@@ -295,3 +295,15 @@ def test_run_with_an_unwritable_audit_store_refuses_to_start_and_says_why(small_
     assert done.returncode == 1
     assert "not starting: the audit trail cannot record rules version" in done.stderr
     assert "mounted read-only" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_withdrawal_stored_before_its_alert_leaves_the_alert_withdrawn(tmp_path):
+    """After an outage the alerts topic may hold a withdrawal before the alert it withdraws; the store's state does
+    not depend on that order."""
+    from tests.connectors.sample_alert import make_alert
+
+    store = AlertStore(url=f"sqlite:///{tmp_path / 'alerts.db'}")
+    assert store.add_record(make_alert("retracted"))
+    assert store.add_record(make_alert())
+    assert store.get(make_alert().alert_id)["state"] == "withdrawn"
+    assert not store.add_record(make_alert()) and store.verify_audit() == []
