@@ -68,4 +68,16 @@ class AckedProducer:
             raise PublishError(f"{len(errors)} {self.what} record(s) not acknowledged by the broker: {errors[0][1]}")
 
     def close(self) -> None:
-        self.producer.close(timeout=5)
+        """Close, giving unacknowledged records 5 s. Records still unacknowledged then are abandoned (their batch's
+        offsets were not committed: they are derived and published again at the next start)."""
+        try:
+            self.producer.close(timeout=5)
+        except KafkaError:  # kafka-python's close stops at its flush timeout and would leave the producer open
+            sender = getattr(self.producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()  # aborts the records still waiting
+                sender.join(5)
+            try:
+                self.producer.close(timeout=0)
+            except KafkaError:
+                pass

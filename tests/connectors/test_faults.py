@@ -150,17 +150,59 @@ def test_broker_gone_mid_stream_and_back_loses_and_duplicates_nothing(tmp_path):
                           for m in dead)
         assert set(origins) == bad_records(broker.bootstrap, topics["events"]), "a dead letter is missing"
 
-        # the same events through a service that never lost the broker
-        clean = {"events": topics["events"], "alerts": f"clean-alerts-{tag}", "dead": f"clean-dead-{tag}"}
-        create_topics(broker.bootstrap, {clean["alerts"]: 3, clean["dead"]: 1})
-        reference = ServiceProcess(bootstrap=broker.bootstrap, topics=clean, group=f"clean-{tag}",
-                                   log=tmp_path / "clean.log").start()
+        assert set(counts) == {(r["alert_id"], r["status"]) for r in clean_run(broker, topics["events"], tmp_path)}
+
+
+def clean_run(broker: LocalBroker, events_topic: str, tmp_path) -> list[dict]:
+    """The alert records of the same events through a service that never lost the broker."""
+    tag = uuid.uuid4().hex[:8]
+    clean = {"events": events_topic, "alerts": f"clean-alerts-{tag}", "dead": f"clean-dead-{tag}"}
+    create_topics(broker.bootstrap, {clean["alerts"]: 3, clean["dead"]: 1})
+    reference = ServiceProcess(bootstrap=broker.bootstrap, topics=clean, group=f"clean-{tag}",
+                               log=tmp_path / f"clean-{tag}.log").start()
+    try:
+        assert wait_until_consumed(broker.bootstrap, f"clean-{tag}", events_topic, 120)
+    finally:
+        assert reference.stop() == 0
+    return alert_records(read_topic(broker.bootstrap, clean["alerts"]))
+
+
+def test_sigterm_while_the_broker_is_gone_mid_stream_stops_without_committing(tmp_path):
+    """SIGTERM while the service holds a batch the broker has not acknowledged: it stops promptly (exit 0, no
+    traceback) without committing that batch; restarted once the broker is back, it publishes every alert of a
+    clean run exactly once."""
+    events = list(generate(subjects=80, days=60, seed=7, sites=4, deviation_rate=0.6))
+    proxy_port = free_port()
+    tag = uuid.uuid4().hex[:8]
+    topics = {"events": f"held-events-{tag}", "alerts": f"held-alerts-{tag}", "dead": f"held-dead-{tag}"}
+    group, log = f"held-{tag}", tmp_path / "service.log"
+    with LocalBroker(advertised_port=proxy_port, log_path=tmp_path / "broker.log") as broker, \
+            TcpProxy(upstream_port=broker.port, port=proxy_port, bypass=frozenset({PRODUCER})) as proxy:
+        create_topics(broker.bootstrap, {topics["events"]: 3, topics["alerts"]: 3, topics["dead"]: 1})
+        produce_direct(broker.bootstrap, topics["events"], events_as_records(events))
+        service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=log).start()
         try:
-            assert wait_until_consumed(broker.bootstrap, f"clean-{tag}", topics["events"], 120)
+            read_topic(broker.bootstrap, topics["alerts"], timeout_s=60, until=lambda m: len(m) > 0)
+            proxy.cut()
+            wait_for(log, "did not acknowledge alert records")
+            code = service.stop()
         finally:
-            assert reference.stop() == 0
-        expected = {(r["alert_id"], r["status"]) for r in alert_records(read_topic(broker.bootstrap, clean["alerts"]))}
-        assert set(counts) == expected
+            service.stop()
+            proxy.restore()
+        text = log.read_text()
+        assert code == 0 and "Traceback" not in text, text[-3000:]
+        assert "stopping with a batch the broker did not acknowledge" in text and "not committed" in text
+        assert "stopping: offsets committed" not in text
+
+        service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=log).start()
+        try:
+            assert wait_until_consumed(broker.bootstrap, group, topics["events"], 120), log.read_text()[-3000:]
+        finally:
+            assert service.stop() == 0
+        counts = Counter((r["alert_id"], r["status"]) for r in alert_records(read_topic(broker.bootstrap,
+                                                                                        topics["alerts"])))
+        assert max(counts.values()) == 1, "an alert record was published twice"
+        assert set(counts) == {(r["alert_id"], r["status"]) for r in clean_run(broker, topics["events"], tmp_path)}
 
 
 def bad_records(bootstrap: str, topic: str) -> set[tuple[int, int]]:
@@ -213,15 +255,7 @@ def test_sigterm_during_a_large_batch_exits_cleanly_and_loses_nothing(tmp_path, 
                                                                                        topics["alerts"])))
         assert max(final.values()) == 1, "an alert record was published twice"
 
-        clean = {"events": topics["events"], "alerts": f"term-clean-{tag}", "dead": f"term-clean-dead-{tag}"}
-        create_topics(broker.bootstrap, {clean["alerts"]: 3, clean["dead"]: 1})
-        reference = ServiceProcess(bootstrap=broker.bootstrap, topics=clean, group=f"term-clean-{tag}",
-                                   log=tmp_path / "clean.log").start()
-        try:
-            assert wait_until_consumed(broker.bootstrap, f"term-clean-{tag}", topics["events"], 120)
-        finally:
-            assert reference.stop() == 0
-        expected = alert_records(read_topic(broker.bootstrap, clean["alerts"]))
+        expected = clean_run(broker, topics["events"], tmp_path)
         assert set(final) == {(r["alert_id"], r["status"]) for r in expected}
 
         # nothing was committed past an alert that was not yet published: every alert a clean run raises from
