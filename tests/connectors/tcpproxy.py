@@ -21,7 +21,8 @@ class TcpProxy:
     """`with TcpProxy(upstream_port=...) as proxy:` listens on 127.0.0.1:`proxy.port` and forwards to upstream.
 
     Clients whose Kafka client id is in `bypass` are never cut: a test producer can go on writing events "directly
-    to the broker" while the service is cut off (the broker advertises only the proxy's address)."""
+    to the broker" while the service is cut off (the broker advertises only the proxy's address). `cut(only=...)`
+    cuts just the named clients (e.g. the service's alerts producer: the alerts topic is down, the rest is up)."""
 
     def __init__(self, *, upstream_port: int, port: int | None = None, upstream_host: str = "127.0.0.1",
                  bypass: frozenset[str] = frozenset()) -> None:
@@ -31,8 +32,9 @@ class TcpProxy:
         self.connections = 0  # accepted and forwarded so far
         self.refused = 0  # connections closed at once because the proxy was cut
         self._lock = threading.Lock()
-        self._pairs: dict[tuple[socket.socket, socket.socket], bool] = {}  # (client, upstream) -> bypassed
+        self._pairs: dict[tuple[socket.socket, socket.socket], str | None] = {}  # (client, upstream) -> client id
         self._cut = threading.Event()
+        self._only: frozenset[str] | None = None
         self._closed = threading.Event()
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
@@ -50,11 +52,13 @@ class TcpProxy:
         self._acceptor.start()
         return self
 
-    def cut(self) -> None:
-        """Reset every open connection (but the bypassed ones) and close new ones at once."""
+    def cut(self, only: frozenset[str] | None = None) -> None:
+        """Close every open connection (but the bypassed ones; with `only`, just those clients') and close new
+        ones at once."""
+        self._only = only
         self._cut.set()
         with self._lock:
-            victims = [pair for pair, bypassed in self._pairs.items() if not bypassed]
+            victims = [pair for pair, client_id in self._pairs.items() if self._blocked(client_id)]
             for pair in victims:
                 del self._pairs[pair]
         for client, upstream in victims:
@@ -64,6 +68,12 @@ class TcpProxy:
     def restore(self) -> None:
         """Forward new connections again; clients reconnect on their own."""
         self._cut.clear()
+        self._only = None
+
+    def _blocked(self, client_id: str | None) -> bool:
+        if not self._cut.is_set() or client_id in self.bypass:
+            return False
+        return self._only is None or client_id in self._only
 
     def close(self) -> None:
         self._closed.set()
@@ -98,8 +108,8 @@ class TcpProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        bypassed = bool(self.bypass) and _client_id(client) in self.bypass
-        if (self._cut.is_set() and not bypassed) or self._closed.is_set():
+        client_id = _client_id(client)
+        if self._blocked(client_id) or self._closed.is_set():
             self.refused += 1
             _reset(client)
             return
@@ -111,7 +121,7 @@ class TcpProxy:
         client.settimeout(None)
         upstream.settimeout(None)
         with self._lock:
-            self._pairs[(client, upstream)] = bypassed
+            self._pairs[(client, upstream)] = client_id
             self.connections += 1
         for a, b in ((client, upstream), (upstream, client)):
             threading.Thread(target=self._pump, args=(a, b, (client, upstream)), daemon=True).start()
