@@ -175,7 +175,7 @@ def test_alerts_topic_down_then_sigterm_stops_without_committing(tmp_path):
     committing that batch; restarted once the broker takes alerts again, it publishes every alert of a clean run
     exactly once."""
     events = list(generate(subjects=80, days=60, seed=7, sites=4, deviation_rate=0.6))
-    proxy_port = free_port()
+    proxy_port, metrics = free_port(), free_port()
     tag = uuid.uuid4().hex[:8]
     topics = {"events": f"held-events-{tag}", "alerts": f"held-alerts-{tag}", "dead": f"held-dead-{tag}"}
     group, log = f"held-{tag}", tmp_path / "service.log"
@@ -183,9 +183,12 @@ def test_alerts_topic_down_then_sigterm_stops_without_committing(tmp_path):
             TcpProxy(upstream_port=broker.port, port=proxy_port, bypass=frozenset({PRODUCER})) as proxy:
         create_topics(broker.bootstrap, {topics["events"]: 3, topics["alerts"]: 3, topics["dead"]: 1})
         produce_direct(broker.bootstrap, topics["events"], events_as_records(events))
-        service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=log).start()
+        service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=log,
+                                 extra=["--metrics-port", str(metrics)]).start()
         try:
-            read_topic(broker.bootstrap, topics["alerts"], timeout_s=60, until=lambda m: len(m) > 0)
+            deadline = time.monotonic() + 60
+            while consumed(metrics) < 1000 and time.monotonic() < deadline:
+                time.sleep(0.05)  # mid-stream: most of the events are still to be processed and published
             proxy.cut(only=frozenset({"protocol-monitor-alerts"}))  # the service's alerts producer
             wait_for(log, "did not acknowledge alert records")
             held_at = committed_offsets(broker.bootstrap, group, topics["events"])
