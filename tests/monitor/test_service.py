@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -181,8 +182,10 @@ def test_sigterm_while_alerts_wait_stops_without_committing(caplog):
         runner = threading.Thread(target=svc.run, args=(stop,))
         runner.start()
         try:
-            while alerts.flushes < 3:
+            deadline = time.monotonic() + 30
+            while alerts.flushes < 3 and runner.is_alive() and time.monotonic() < deadline:
                 stop.wait(0.01)
+            assert runner.is_alive(), "the service loop died while the alerts topic did not acknowledge"
         finally:
             stop.set()  # what the SIGTERM handler does
             runner.join(timeout=10)
