@@ -1,7 +1,8 @@
 """The alerts topic as a sink: alert records as JSON keyed by subject id, written with acks=all.
 
-`flush()` returns only when the broker has acknowledged every record added, and raises if any failed: the service
-commits event offsets after it. `published_alerts()` reads the topic back so a restarted monitor never publishes
+`flush()` returns only when the broker has acknowledged every record added, and raises if any failed or is still
+waiting after a few seconds: the service commits event offsets only after it. Records the producer gave up on are
+not sent again by the sink: the service reads the topic back and sends only the alerts that are not there. `published_alerts()` reads the topic back so a restarted monitor never publishes
 an alert record twice.
 """
 
@@ -24,8 +25,9 @@ class KafkaAlertSink:
     def __init__(self, *, settings: Settings, producer: KafkaProducer | None = None) -> None:
         self.out = AckedProducer(producer=producer or KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers, client_id=f"{settings.client_id}-alerts", acks="all",
-            retries=5, linger_ms=2, max_in_flight_requests_per_connection=1, **settings.kafka.client_options()),
-            topic=settings.alerts_topic, what="alert")
+            retries=5, linger_ms=2, max_in_flight_requests_per_connection=1, max_block_ms=5000,
+            **settings.kafka.client_options()),
+            topic=settings.alerts_topic, what="alert", resend_failed=False)  # the service reads the topic back first
 
     def add(self, alert: Alert) -> None:
         headers = [("alert_id", alert.alert_id.encode()), ("status", alert.status.encode()),

@@ -17,8 +17,9 @@ class KafkaDeadLetterSink:
     def __init__(self, *, settings: Settings, producer: KafkaProducer | None = None) -> None:
         self.out = AckedProducer(producer=producer or KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers, client_id=f"{settings.client_id}-dead-letter",
-            acks="all", retries=5, max_request_size=max(1048576, settings.max_message_bytes * 4),
-            **settings.kafka.client_options()), topic=settings.dead_letter_topic, what="dead letter")
+            acks="all", retries=5, max_request_size=max(1048576, settings.max_message_bytes * 4), max_block_ms=5000,
+            **settings.kafka.client_options()), topic=settings.dead_letter_topic, what="dead letter",
+            resend_failed=True)  # at least once: a dead letter the producer gave up on is sent again
         self.count = 0
 
     def add(self, record: RawRecord, error: EventRejected) -> None:

@@ -62,11 +62,13 @@ class KafkaEventSource:
                                      partition=tp.partition, offset=m.offset, timestamp_ms=m.timestamp))
         return out
 
-    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+    def commit(self, offsets: dict[TopicPartition, int], timeout_ms: int = 5000) -> None:
+        """Commit, or raise a KafkaError within `timeout_ms` (the caller retries and can notice SIGTERM)."""
         if offsets:
             from kafka.structs import OffsetAndMetadata
 
-            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
+                                 timeout_ms=timeout_ms)
 
     def committed(self, tp: TopicPartition) -> int | None:
         return self.consumer.committed(tp)

@@ -32,3 +32,13 @@ class EngineError(MonitorError):
 
 class ConfigError(MonitorError):
     """The configuration is unusable; the message names the setting."""
+
+
+class SinkUnavailable(MonitorError):
+    """An output (the alerts or dead-letter topic) did not acknowledge records. Nothing is committed past them: the
+    service holds them, stays not ready and retries with back-off until the output takes them."""
+
+
+class SinkWaiting(SinkUnavailable):
+    """Records were handed to the producer and still wait for the broker's acknowledgement. Wait for them: sending
+    them again could publish them twice."""

@@ -5,6 +5,11 @@ officers' e-mail and webhooks.
 (alert_id, status)) with the routes it must go to, commits the offset only after the store committed, and
 delivers what is due. A delivery that fails waits in the outbox and is retried with back-off until the receiver
 takes it; offsets never depend on the receivers, so a receiver that is down delays nothing else.
+
+When the store cannot be written (disk full, read-only, server gone), the notifier stops: it commits the offsets
+of the records it did store, logs one line that says what failed and what to do, and exits non-zero (an
+orchestrator restarts it with back-off). The record it could not store is not dropped: its offset is not
+committed, so the next start reads it again and stores it once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from connectors.delivery import DeliveryError, Router
 from monitor.alerts import Alert
 from monitor.config import Settings
-from monitor.store import AlertStore
+from monitor.store import AlertStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,11 @@ class Notifier:
 
 
 def run_notifier(settings: Settings, *, stop: threading.Event) -> Notifier:
-    from kafka import KafkaConsumer
+    """Consume the alerts topic into the store and deliver, until `stop`. Raises StoreUnavailable (after
+    committing what was stored and logging why) when the store cannot be written."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
 
     store = AlertStore(url=settings.store or "sqlite:///alerts.db")
     notifier = Notifier(store=store, router=Router.from_config(settings.routes))
@@ -70,18 +79,39 @@ def run_notifier(settings: Settings, *, stop: threading.Event) -> Notifier:
                              auto_offset_reset="earliest", session_timeout_ms=settings.session_timeout_ms,
                              heartbeat_interval_ms=settings.heartbeat_interval_ms, **settings.kafka.client_options())
     log.info("notifier: %d route(s), store %s", len(notifier.router.routes), store.url.split("@")[-1])
+
+    def commit(stored: dict[TopicPartition, int]) -> None:
+        if stored:
+            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in stored.items()})
+
     try:
         while not stop.is_set():
             batches = consumer.poll(timeout_ms=int(settings.tick_seconds * 1000))
-            for messages in batches.values():
+            stored: dict[TopicPartition, int] = {}  # next offset to read, per partition, after what is stored
+            for tp, messages in batches.items():
                 for m in messages:
                     try:
                         notifier.accept(Alert.model_validate(json.loads(m.value)))
                     except ValueError as exc:  # not an alert record: counted and logged, never fatal
                         log.error("not an alert record at %s/%d@%d: %s", m.topic, m.partition, m.offset, exc)
-            if batches:
-                consumer.commit()
-            notifier.deliver_due()
+                    except StoreUnavailable as exc:
+                        try:
+                            commit(stored)
+                        except KafkaError as commit_exc:  # harmless: stored records are recognised when read again
+                            log.warning("could not commit the stored records either (%s)", commit_exc)
+                        log.error("alert store could not store the alert record at %s/%d@%d: stopped consuming; "
+                                  "offsets are committed only up to the last stored record, so this record and "
+                                  "the ones after it wait on the topic and are stored at the next start. %s",
+                                  m.topic, m.partition, m.offset, exc)
+                        raise
+                    stored[tp] = m.offset + 1
+            commit(stored)
+            try:
+                notifier.deliver_due()
+            except StoreUnavailable as exc:
+                log.error("alert store failed while delivering: stopped; every stored record is committed and "
+                          "undelivered ones stay in the outbox. %s", exc)
+                raise
             time.sleep(0)
     finally:
         consumer.close(autocommit=False)

@@ -5,6 +5,13 @@ monitor, and deadlines that fell due are evaluated. Then the alert records are p
 dead letters too, and only then are the consumed offsets committed. Alert ids are deterministic and the service
 reads the alerts topic back at start, so a record it already published is never published again.
 
+Faults: when the broker does not acknowledge (it is unreachable, or the alerts topic refuses records), the batch's
+alerts, dead letters and offsets are held (`_Outbox`): the service stops polling, is not ready, logs why, and
+retries with back-off. Records still in the producer are waited for, never sent twice; records the producer gave up
+on are sent again only after the alerts topic was read back (so none is published twice). Offsets are committed
+only once every alert and dead letter of their batch is acknowledged. On SIGTERM while holding, the service stops
+without committing: at restart the batch is read and its alerts derived again.
+
 Time: in `wall` mode the processing time of an event is its broker timestamp and, between events, the wall clock,
 so a missed H12 escalation is alerted within `tick_seconds` of deadline + grace. In `stream` mode it is the events'
 `recorded_at` (replaying history through Kafka). On partition assignment the subjects of those partitions are
@@ -25,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from kafka import TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
 
 from connectors.base import AlertSink, RawRecord, RejectSink
 from monitor.alerts import Alert
 from monitor.clock import ReplayClock
 from monitor.config import Settings
-from monitor.errors import EventRejected
+from monitor.errors import EventRejected, MonitorError, SinkUnavailable, SinkWaiting
 from monitor.evaluator import Monitor
 from monitor.events import decode, parse_event
 from monitor.metrics import Metrics
@@ -60,6 +68,21 @@ class ServiceState:
     ready: bool = False
 
 
+@dataclass
+class _Outbox:
+    """One batch's results not yet safely out: its alerts and dead letters to be acknowledged, then its offsets."""
+
+    alerts: list[tuple[Alert, int | None]]
+    offsets: dict[TopicPartition, int]
+    fresh: list[tuple[Alert, int | None]] = field(default_factory=list)  # handed to the alert sink
+    added: bool = False  # `fresh` is in the sink: wait for it
+    resend: bool = False  # the sink gave up on some records: read the topic back, then send what is missing
+    alerts_done: bool = False
+    dead_letters_done: bool = False
+    since: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+
+
 class MonitorService:
     def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock, alerts: AlertSink,
                  dead_letters: RejectSink, published: set[tuple[str, str]],
@@ -84,6 +107,11 @@ class MonitorService:
         self._rules_fingerprint = _fingerprint(monitor.rules.directory)
         self._watched_at = time.monotonic()
         self.stats = {"events": 0, "rejected": 0, "alerts_published": 0, "alerts_suppressed": 0}
+        self._outbox: _Outbox | None = None  # a batch whose alerts or offsets are not out yet (broker trouble)
+        self.retry_base_s = 1.0  # back-off while the broker does not answer: doubles up to retry_max_s
+        self.retry_max_s = 30.0
+        self._delay = self.retry_base_s
+        self._trouble_logged_at = 0.0
 
     # ---- partitions -------------------------------------------------------------------------------------------
     # kafka-python 3 runs rebalance listeners on its IO thread, where no blocking call is allowed: the listener
@@ -103,13 +131,15 @@ class MonitorService:
             log.info("revoked partitions %s; their subjects were dropped", sorted(t.partition for t in tps))
 
     def _start_rebuilds(self) -> set[TopicPartition]:
-        """Newly assigned partitions are read again from their beginning to rebuild their subjects' state."""
-        tps, self._newly_assigned = list(self._newly_assigned), []
+        """Newly assigned partitions are read again from their beginning to rebuild their subjects' state.
+        If the broker does not answer, they stay newly assigned (and their records unused) until it does."""
+        tps = list(self._newly_assigned)
         if not tps or self.source is None:
             return set()
         if self.refresh_published is not None:  # another instance may have published for these subjects
             self.published |= self.refresh_published()
         ends = self.source.end_offsets(tps)
+        self._newly_assigned = [tp for tp in self._newly_assigned if tp not in tps]
         for tp in tps:
             self.state.rebuild_until[tp] = ends.get(tp, 0)
             self.state.subjects_by_partition.setdefault(tp, set())
@@ -163,9 +193,8 @@ class MonitorService:
         if self.settings.clock == "wall":
             self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
         produced.extend((a, None) for a in self.monitor.tick())
-        self._publish(produced)
-        self.dead_letters.flush()
-        self._commit(offsets)
+        self._outbox = _Outbox(alerts=produced, offsets=offsets)
+        self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
 
     def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
@@ -174,16 +203,70 @@ class MonitorService:
         else:
             self.clock.advance_to(dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc))
 
-    def _publish(self, produced: list[tuple[Alert, int | None]]) -> None:
-        fresh = []
-        for alert, ts in produced:
-            key = (alert.alert_id, alert.status)
-            if key in self.published:
-                self.stats["alerts_suppressed"] += 1
-                continue
-            self.alerts.add(alert)
-            fresh.append((alert, ts))
+    # ---- getting a batch out: alerts, dead letters, then offsets ---------------------------------------------------
+    def _settle(self) -> bool:
+        """Try once to get the held batch out. True when nothing is held any more; False (logged, not ready) when
+        the broker did not acknowledge: the batch stays held and nothing is committed past it."""
+        box = self._outbox
+        if box is None:
+            return True
+        box.attempts += 1
+        try:
+            if not box.alerts_done:
+                self._publish_held(box)
+                box.alerts_done = True
+            if not box.dead_letters_done:
+                self.dead_letters.flush()  # a dead letter the producer gave up on is sent again next time
+                box.dead_letters_done = True
+            self._commit(box.offsets)
+        except SinkWaiting as exc:
+            self._held(box, exc)
+            return False
+        except (SinkUnavailable, KafkaError) as exc:
+            if not box.alerts_done:
+                box.resend = True
+            self._held(box, exc)
+            return False
+        self._outbox = None
+        self._delay = self.retry_base_s
+        if box.attempts > 1:
+            log.warning("Kafka broker acknowledges again: the held batch is out after %.0f s (%d alert records "
+                        "published, offsets committed)", time.monotonic() - box.since, len(box.fresh))
+        return True
+
+    def _held(self, box: _Outbox, exc: Exception) -> None:
+        self.state.ready = False
+        now = time.monotonic()
+        if box.attempts == 1 or now - self._trouble_logged_at >= 30.0:
+            self._trouble_logged_at = now
+            what = ("alert records" if not box.alerts_done else "dead letters" if not box.dead_letters_done
+                    else "the offset commit")
+            log.warning("Kafka broker at %s did not acknowledge %s (%s: %s): holding %d alert records and the "
+                        "batch's offsets for %.0f s; nothing is committed past them; retrying with back-off — not "
+                        "ready", self.settings.bootstrap_servers, what, type(exc).__name__, exc,
+                        len(box.fresh) if box.added else len(box.alerts), now - box.since)
+
+    def _publish_held(self, box: _Outbox) -> None:
+        if box.resend:  # the producer gave up on some: let it finish with the rest, then see what reached the topic
+            self.alerts.flush()
+            if self.refresh_published is not None:
+                self.published |= self.refresh_published()
+            box.resend, box.added = False, False
+        if not box.added:
+            box.fresh = []
+            for alert, ts in box.alerts:
+                if (alert.alert_id, alert.status) in self.published:
+                    if box.attempts == 1:
+                        self.stats["alerts_suppressed"] += 1
+                    continue
+                box.fresh.append((alert, ts))
+            box.added = True
+            for alert, _ in box.fresh:
+                self.alerts.add(alert)
         self.alerts.flush()  # raises if the broker did not acknowledge: nothing is committed then
+        self._published(box.fresh)
+
+    def _published(self, fresh: list[tuple[Alert, int | None]]) -> None:
         now_ms = time.time() * 1000
         for alert, ts in fresh:
             self.published.add((alert.alert_id, alert.status))
@@ -212,11 +295,16 @@ class MonitorService:
         if self.source is None:
             return
         done = {tp: off for tp, off in offsets.items() if off >= self.state.rebuild_until.get(tp, 0)}
+        try:
+            self.source.commit(done)
+        except CommitFailedError as exc:  # the group rebalanced meanwhile: the new owner rebuilds these partitions
+            log.warning("offset commit refused after a rebalance (%s); the partitions' new owner reads them again "
+                        "from the beginning and publishes nothing twice", exc)
         for tp in list(self.state.rebuild_until):
             if tp in offsets and offsets[tp] >= self.state.rebuild_until[tp]:
                 del self.state.rebuild_until[tp]
-        self.source.commit(done)
-        self.state.ready = not self.state.rebuild_until and bool(self.source.assignment())
+        self.state.ready = (not self.state.rebuild_until and not self._newly_assigned
+                            and bool(self.source.assignment()))
 
     metrics_server: Any = None
 
@@ -257,8 +345,11 @@ class MonitorService:
                       "\n  ".join(f"{p}:{line}: {m}" for p, line, m in exc.problems))
             if self.metrics is not None:
                 self.metrics.rules_reload_failures.inc()
-            self._audit("rules_refused", {"version_in_force": old.rules.version,
-                                          "problems": [f"{p}:{line}: {m}" for p, line, m in exc.problems][:50]})
+            try:
+                self._audit("rules_refused", {"version_in_force": old.rules.version,
+                                              "problems": [f"{p}:{line}: {m}" for p, line, m in exc.problems][:50]})
+            except MonitorError as audit_exc:
+                log.error("the audit trail could not record the refused rules: %s", audit_exc)
             return False
         if rules.version == old.rules.version:
             return False
@@ -284,13 +375,23 @@ class MonitorService:
         changes += [(before[k].model_copy(update={"status": "retracted", "retracts": k, "detected_at": now,
                                                   "rule_version": rules.version}), None)
                     for k in sorted(set(before) - set(after))]
-        self._publish(changes)
+        try:  # the audit trail says which rules were in force: a version that cannot be recorded is not used
+            self._audit("rules_switched", {"from": old.rules.version, "to": rules.version,
+                                           "rules": len(rules.rules), "subjects_rebuilt": len(new.subjects),
+                                           "alerts_raised": len(set(after) - set(before)),
+                                           "alerts_withdrawn": len(set(before) - set(after))})
+        except MonitorError as exc:
+            log.error("new rules version %s NOT switched to: the audit trail could not record it (%s); version %s "
+                      "stays in force and alerts keep flowing; fix the store, then edit the rules or send SIGHUP",
+                      rules.version, exc, old.rules.version)
+            if self.metrics is not None:
+                self.metrics.rules_reload_failures.inc()
+            return False
         self.monitor = new
+        self._outbox = _Outbox(alerts=changes, offsets={})
+        self._settle()  # held and retried by run() if the broker does not acknowledge
         if self.metrics is not None:
             self.metrics.rules.info({"version": rules.version})
-        self._audit("rules_switched", {"from": old.rules.version, "to": rules.version, "rules": len(rules.rules),
-                                       "subjects_rebuilt": len(new.subjects), "alerts_raised": len(set(after) - set(before)),
-                                       "alerts_withdrawn": len(set(before) - set(after))})
         log.info("rules version %s in force (was %s): %d subjects rebuilt in %.2f s; %d alerts raised, %d withdrawn",
                  rules.version, old.rules.version, len(new.subjects), time.monotonic() - started,
                  len(set(after) - set(before)), len(set(before) - set(after)))
@@ -302,19 +403,57 @@ class MonitorService:
                                           action=action, data=data)
 
     def run(self, stop: threading.Event) -> None:
+        """Poll, process, publish, commit until `stop` is set. A held batch (broker trouble) is retried with
+        back-off before anything new is polled; on stop it is left uncommitted."""
         if self.source is None:
             raise RuntimeError("attach() a source before run()")
-        timeout_ms = int(self.settings.tick_seconds * 1000)
         while not stop.is_set():
-            if self.reload_requested.is_set() or self._rules_changed():
-                self.reload_requested.clear()
-                self.reload_rules()
-            records = self.source.poll(timeout_ms)
+            self.run_once(stop)
+        if self._outbox is not None:
+            box = self._outbox
+            log.warning("stopping with a batch the broker did not acknowledge (%d alert records held): its offsets "
+                        "are not committed; at restart it is read again and its alerts derived and published",
+                        len(box.fresh) if box.added else len(box.alerts))
+        else:
+            log.info("stopping: offsets committed up to the last acknowledged alerts")
+
+    def run_once(self, stop: threading.Event) -> None:
+        """One turn of the loop: retry a held batch, or poll and process the next one."""
+        if self.source is None:
+            raise RuntimeError("attach() a source before run()")
+        if self._outbox is not None:
+            waiting = self._outbox.added and not self._outbox.resend and not self._outbox.alerts_done
+            if not self._settle() and not waiting:  # a wait for acknowledgements already took its time
+                self._back_off(stop)
+            return
+        if self.reload_requested.is_set() or self._rules_changed():
+            self.reload_requested.clear()
+            self.reload_rules()
+            return
+        try:
+            records = self.source.poll(int(self.settings.tick_seconds * 1000))
+        except KafkaError as exc:
+            self._no_answer("polling the events topic", exc, stop)
+            return
+        try:
             rebuilding = self._start_rebuilds()
-            if rebuilding:  # records fetched from the committed position are read again from the beginning
-                records = [r for r in records if TopicPartition(r.topic, r.partition) not in rebuilding]
-            self.step(records)
-        log.info("stopping: offsets committed up to the last acknowledged alerts")
+        except (MonitorError, KafkaError) as exc:  # they stay newly assigned; retried at the next turn
+            rebuilding = set(self._newly_assigned)
+            self._no_answer("starting the rebuild of newly assigned partitions", exc, None)
+        if rebuilding:  # records fetched from the committed position are read again from the beginning
+            records = [r for r in records if TopicPartition(r.topic, r.partition) not in rebuilding]
+        self.step(records)
+
+    def _no_answer(self, what: str, exc: Exception, stop: threading.Event | None) -> None:
+        self.state.ready = False
+        log.warning("Kafka broker at %s did not answer while %s (%s: %s); retrying in %.0f s — not ready",
+                    self.settings.bootstrap_servers, what, type(exc).__name__, exc, self._delay)
+        if stop is not None:
+            self._back_off(stop)
+
+    def _back_off(self, stop: threading.Event) -> None:
+        stop.wait(self._delay)
+        self._delay = min(self._delay * 2, self.retry_max_s)
 
 
 class _StoppedWhileConnecting(Exception):
@@ -363,9 +502,14 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     if settings.store:
         from monitor.store import AlertStore
 
-        store = AlertStore(url=settings.store)
-        store.record_rules_loaded(version=rules.version, directory=str(rules.directory), rules=len(rules.rules),
-                                  actor=f"{settings.client_id}@{settings.group_id}")
+        try:  # the audit trail says which rules were in force: the service does not run rules it cannot record
+            store = AlertStore(url=settings.store)
+            store.record_rules_loaded(version=rules.version, directory=str(rules.directory), rules=len(rules.rules),
+                                      actor=f"{settings.client_id}@{settings.group_id}")
+        except MonitorError as exc:
+            log.error("not starting: the audit trail cannot record rules version %s, so nothing is consumed "
+                      "(alerts wait on the events topic). %s", rules.version, exc)
+            raise
     metrics = Metrics(registry=CollectorRegistry())
     metrics.rules.info({"version": rules.version})
     service = MonitorService(settings=settings, monitor=monitor, clock=clock, alerts=None,  # type: ignore[arg-type]

@@ -49,6 +49,68 @@ class StoreError(MonitorError):
     """The alert store refused an action (unknown alert, a transition the lifecycle forbids, a broken store)."""
 
 
+class StoreUnavailable(StoreError):
+    """The alert store could not be read or written (disk full, read-only, server unreachable). Nothing was stored
+    by the failed action; the message says what failed and what to do."""
+
+
+def _diagnose(exc: BaseException) -> str:
+    """What an operator should do about a database error, in one sentence."""
+    text = str(exc).lower()
+    state = getattr(getattr(exc, "diag", None), "sqlstate", None) or getattr(exc, "sqlstate", None) or ""
+    if "disk is full" in text or "no space" in text or state == "53100":
+        return "the disk holding the alert store is full: free space (or give the volume more), then start again"
+    if "readonly" in text or "read-only" in text or state == "25006":
+        return ("the alert store is read-only: make the database file, its directory and its volume writable, then "
+                "start again")
+    if "unable to open" in text:
+        return "the alert store file cannot be opened: check the path, its directory and their permissions"
+    if "locked" in text or "busy" in text:
+        return "another process holds the alert store locked: stop it or wait, then start again"
+    if state.startswith("08") or "connection" in text or "server" in text:
+        return "the PostgreSQL server cannot be reached: check that it runs and the URL, then start again"
+    return "check the alert store (its disk, permissions and server), then start again"
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the database itself (not of our SQL): SQLite's and, when installed, psycopg's."""
+    out: list[type[BaseException]] = [sqlite3.OperationalError, sqlite3.DatabaseError]
+    try:
+        import psycopg  # type: ignore[import-not-found]
+    except ImportError:
+        return tuple(out)
+    return (*out, psycopg.OperationalError, psycopg.errors.DiskFull, psycopg.errors.ReadOnlySqlTransaction)
+
+
+def _unavailable(url: str, exc: BaseException) -> StoreUnavailable:
+    hint = _diagnose(exc)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":  # SQLite's message may hide the cause
+        volume = _volume(Path(url[len("sqlite:///"):]).parent)
+        if volume:
+            hint = volume
+    return StoreUnavailable(f"alert store {_where(url)} failed ({type(exc).__name__}: {exc}); {hint}")
+
+
+def _volume(directory: Path) -> str | None:
+    """A read-only or full file system under an SQLite store, named as such."""
+    import os
+
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return (f"the file system holding {directory} is mounted read-only: mount it read-write, then start "
+                "again")
+    if st.f_bavail == 0:
+        return f"the disk holding {directory} is full: free space (or give the volume more), then start again"
+    return None
+
+
+def _where(url: str) -> str:
+    return url.split("@")[-1]  # never the password
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -57,12 +119,16 @@ class AlertStore:
     def __init__(self, *, url: str) -> None:
         self.url = url
         self._lock = threading.Lock()
+        self._errors = _database_errors()
         if url.startswith("sqlite:///"):
             path = url[len("sqlite:///"):]
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._conn: Any = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                if path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._conn: Any = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+            except (OSError, sqlite3.Error) as exc:
+                raise _unavailable(url, exc) from exc
             self._pg = False
         elif url.startswith(("postgresql://", "postgres://")):
             try:
@@ -86,9 +152,13 @@ class AlertStore:
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        """One transaction; the audit table is locked so the chain has one writer at a time."""
+        """One transaction; the audit table is locked so the chain has one writer at a time. A failure of the
+        database itself (disk full, read-only, connection lost) becomes StoreUnavailable: nothing was stored."""
         with self._lock:
-            cur = self._conn.cursor()
+            try:
+                cur = self._conn.cursor()
+            except self._errors as exc:
+                raise _unavailable(self.url, exc) from exc
             try:
                 if self._pg:
                     cur.execute("BEGIN")
@@ -98,11 +168,20 @@ class AlertStore:
                     cur.execute("BEGIN IMMEDIATE")
                 yield _Cursor(cur, self._sql)
                 cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
+            except BaseException as exc:
+                try:
+                    cur.execute("ROLLBACK")
+                except Exception:  # noqa: S110 - SQLite may have rolled back already (disk full); the cause matters
+                    pass
+                if isinstance(exc, self._errors) and not isinstance(
+                        exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                    raise _unavailable(self.url, exc) from exc
                 raise
             finally:
-                cur.close()
+                try:
+                    cur.close()
+                except Exception:  # noqa: S110 - a lost connection; the error above says so
+                    pass
 
     def _has_audit(self, cur: Any) -> bool:
         cur.execute("SELECT to_regclass('audit') IS NOT NULL")
@@ -151,11 +230,16 @@ class AlertStore:
             cur.execute("INSERT INTO records (alert_id, status, record, stored_at) VALUES (?, ?, ?, ?)",
                         (alert.alert_id, alert.status, record, now))
             if alert.status == "raised":
+                # a withdrawal can arrive first (records re-sent after a broker outage): the alert is then withdrawn
+                cur.execute("SELECT 1 FROM records WHERE alert_id = ? AND status = 'retracted'", (alert.alert_id,))
+                withdrawn = cur.fetchone() is not None
                 cur.execute(
                     "INSERT INTO alerts (alert_id, rule, subject_id, site_id, severity, category, at, detected_at, "
-                    "rule_version, message, record, state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "rule_version, message, record, state, updated_at, withdrawn_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (alert.alert_id, alert.rule, alert.subject_id, alert.site_id, alert.severity, alert.category,
-                     alert.at, alert.detected_at, alert.rule_version, alert.message, record, "raised", now))
+                     alert.at, alert.detected_at, alert.rule_version, alert.message, record,
+                     "withdrawn" if withdrawn else "raised", now, now if withdrawn else None))
             else:
                 cur.execute("UPDATE alerts SET state = CASE WHEN state = 'closed' THEN state ELSE 'withdrawn' END, "
                             "withdrawn_at = ?, updated_at = ? WHERE alert_id = ?", (now, now, alert.alert_id))
