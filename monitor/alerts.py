@@ -9,6 +9,7 @@ consumer that keys on `alert_id` never confuses the two.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -64,6 +65,30 @@ class AlertBook:
         self._open.pop(subject_id, None)
         for key in [k for k in self._occurrences if k[1] == subject_id]:
             del self._occurrences[key]
+
+    def adopt(self, *, subject_id: str, matches: set[tuple[str, str]], published: Collection[tuple[str, str]],
+              open_alerts: list[Alert]) -> None:
+        """After a rebuild that skipped the per-batch evaluations, take over what was already published for a
+        subject: each current match's occurrence count (probed through the deterministic ids) and, where its
+        latest occurrence is still open on the topic, that alert. Open alerts that no current match claims stay
+        in the book under their own id, so the next `reconcile` withdraws them."""
+        book = self._open.setdefault(subject_id, {})
+        unclaimed = {a.alert_id: a for a in open_alerts if a.subject_id == subject_id and a.status == "raised"}
+        for rule_id, fact_id in sorted(matches):
+            if (rule_id, fact_id) in book:
+                continue
+            n = 0
+            while (alert_id(rule_id, subject_id, fact_id, n), "raised") in published:
+                n += 1
+            if n == 0:
+                continue
+            key = (rule_id, subject_id, fact_id)
+            self._occurrences[key] = max(self._occurrences.get(key, 0), n)
+            latest = unclaimed.pop(alert_id(rule_id, subject_id, fact_id, n - 1), None)
+            if latest is not None:
+                book[(rule_id, fact_id)] = latest
+        for aid, alert in unclaimed.items():
+            book.setdefault((alert.rule, f"published:{aid}"), alert)
 
     def reconcile(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
                   rules: dict[str, Rule], detected_at: str, version: str) -> list[Alert]:

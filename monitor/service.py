@@ -56,6 +56,8 @@ class ServiceState:
     """What the service knows about its partitions: for readiness and for dropping subjects on revocation."""
 
     rebuild_until: dict[TopicPartition, int] = field(default_factory=dict)
+    # records below this offset are loaded without evaluation; the partition's subjects are then evaluated once
+    bulk_until: dict[TopicPartition, int] = field(default_factory=dict)
     subjects_by_partition: dict[TopicPartition, set[str]] = field(default_factory=dict)
     ready: bool = False
 
@@ -78,6 +80,7 @@ class MonitorService:
         self.state = ServiceState()
         self.source = None  # set by attach()
         self._newly_assigned: list[TopicPartition] = []
+        self._open_published: dict[str, list[Alert]] = {}  # by subject, read back while partitions rebuild
         self._gauges_at = 0.0
         self.reload_requested = threading.Event()
         self.audit_store: Any = None  # an AlertStore when configured: rules loads and switches are audited
@@ -97,6 +100,7 @@ class MonitorService:
             for subject in self.state.subjects_by_partition.pop(tp, set()):
                 self.monitor.drop_subject(subject)
             self.state.rebuild_until.pop(tp, None)
+            self.state.bulk_until.pop(tp, None)
             if tp in self._newly_assigned:
                 self._newly_assigned.remove(tp)
         if tps:
@@ -108,15 +112,45 @@ class MonitorService:
         if not tps or self.source is None:
             return set()
         if self.refresh_published is not None:  # another instance may have published for these subjects
-            self.published |= self.refresh_published()
+            fresh = self.refresh_published()
+            self.published |= fresh
+            self._open_published = {}
+            for record in getattr(fresh, "open", {}).values():
+                alert = Alert.model_validate(record)
+                self._open_published.setdefault(alert.subject_id, []).append(alert)
         ends = self.source.end_offsets(tps)
         for tp in tps:
             self.state.rebuild_until[tp] = ends.get(tp, 0)
             self.state.subjects_by_partition.setdefault(tp, set())
+            boundary = self._bulk_boundary(tp, ends.get(tp, 0))
+            if boundary > 0:
+                self.state.bulk_until[tp] = boundary
         self.source.seek_to_beginning(tps)
         log.info("assigned partitions %s; rebuilding their subjects from the beginning (%d records)",
                  sorted(t.partition for t in tps), sum(ends.values()))
         return set(tps)
+
+    def _bulk_boundary(self, tp: TopicPartition, end: int) -> int:
+        """Where a rebuild stops loading quietly: the partition's end at assignment. Every alert already on the
+        topic was caused by records before it, so the end state, with what was published adopted, is what a live
+        monitor would show; only alerts that came and went inside history never published (a new group, or a
+        crashed owner's unacknowledged tail) are not raised. A committed offset past the reported end (a broker
+        that under-reports it) moves the boundary there, so adoption never sees alerts from beyond it."""
+        committed = getattr(self.source, "committed", None)
+        done = committed(tp) if committed is not None else None
+        return max(end, done or 0)
+
+    def _finish_rebuild(self, tp: TopicPartition) -> list[tuple[Alert, int | None]]:
+        """A partition's history is loaded: evaluate its subjects once, adopting what was already published."""
+        del self.state.bulk_until[tp]
+        started = time.monotonic()
+        subjects = self.state.subjects_by_partition.get(tp, set())
+        alerts = self.monitor.evaluate_rebuilt(subjects, published=self.published, open_alerts=self._open_published)
+        if not self.state.bulk_until:
+            self._open_published = {}
+        log.info("partition %d rebuilt: %d subjects evaluated in %.2f s", tp.partition, len(subjects),
+                 time.monotonic() - started)
+        return [(a, None) for a in alerts]
 
     def attach(self, source) -> None:  # type: ignore[no-untyped-def]
         self.source = source
@@ -151,6 +185,14 @@ class MonitorService:
             if self.metrics is not None:
                 self.metrics.events_consumed.labels(event.site_id, event.type).inc()
             self.state.subjects_by_partition.setdefault(tp, set()).add(event.subject_id)
+            if tp in self.state.bulk_until:  # rebuilding: load history quietly up to the boundary
+                if rec.offset < self.state.bulk_until[tp]:  # type: ignore[operator]
+                    self._advance(rec, event.recorded_at)
+                    self.monitor.load((event, payload, {"topic": rec.topic, "partition": rec.partition,
+                                                        "offset": rec.offset}))
+                    continue
+                flush_batch()
+                produced.extend(self._finish_rebuild(tp))
             if batch and batch[0][0].recorded_at != event.recorded_at:
                 flush_batch()
             if not batch:
@@ -159,6 +201,8 @@ class MonitorService:
             batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}))
             batch_ts[0] = rec.timestamp_ms
         flush_batch()
+        for tp in [t for t in self.state.bulk_until if offsets.get(t, 0) >= self.state.bulk_until[t]]:
+            produced.extend(self._finish_rebuild(tp))
         if self.settings.clock == "wall":
             self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
         produced.extend((a, None) for a in self.monitor.tick())
