@@ -6,6 +6,10 @@ It applies every workaround of ENGINE_NOTES:
   same registration (two subjects must never share a session);
 - subjects are sharded over several registrations of the same ruleset, each well under 1,024 sessions;
   `delete_state` is never called;
+- sessions are pooled (`max_sessions`): a session costs ~660 KB with the bundled rules, so only the subjects
+  evaluated most recently keep one. The least recently used subject's facts are retracted and its session serves
+  the next subject; an evicted subject's facts are asserted again at its next `sync` (rules read one fact each, so
+  its matches come back the same);
 - the Host's timer and dispatch threads are never started: the monitor owns time;
 - ruleset names carry the rules version and an instance tag, so versions can live side by side;
 - every engine call and every action is wrapped: "not handled" means no match, anything else is an EngineError.
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_SESSIONS_PER_REGISTRATION = 1024
 DEFAULT_SHARD_SIZE = 1000
+DEFAULT_MAX_SESSIONS = 256
 
 
 def sid_hash(sid: str) -> int:
@@ -85,9 +90,12 @@ class RulesEngine:
     asserting what is new or changed); `matches(subject)` is the set of (rule id, fact id) currently firing.
     """
 
-    def __init__(self, *, definition: dict[str, Any], version: str, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+    def __init__(self, *, definition: dict[str, Any], version: str, shard_size: int = DEFAULT_SHARD_SIZE,
+                 max_sessions: int | None = DEFAULT_MAX_SESSIONS) -> None:
         if not 0 < shard_size < MAX_SESSIONS_PER_REGISTRATION:
             raise EngineError(f"shard_size must be between 1 and {MAX_SESSIONS_PER_REGISTRATION - 1}")
+        if max_sessions is not None and max_sessions < 1:
+            raise EngineError("max_sessions must be at least 1 (or None: one session per subject, never reused)")
         check_definition(definition)
         self.version = version
         self._definition = definition
@@ -96,7 +104,10 @@ class RulesEngine:
         self._host = _Host(self._on_action)
         self._shards: list[str] = []
         self._shard_hashes: list[set[int]] = []
-        self._sids: dict[str, tuple[str, str]] = {}
+        self._sids: dict[str, tuple[str, str]] = {}  # subjects holding a session, least recently used first
+        self._max_sessions = max_sessions
+        self._free: list[tuple[str, str]] = []  # sessions released by dropped subjects, emptied of their facts
+        self.evictions = 0
         self._next_sid = 0
         self._asserted: dict[str, dict[str, dict[str, Any]]] = {}
         self._matches: dict[str, dict[str, set[str]]] = {}
@@ -110,9 +121,31 @@ class RulesEngine:
 
     def session_of(self, subject_id: str) -> tuple[str, str]:
         """(registration name, sid) of a subject, created on first use."""
-        found = self._sids.get(subject_id)
-        if found is not None:
-            return found
+        found = self._sids.pop(subject_id, None)
+        if found is None:
+            if self._free:
+                found = self._free.pop()
+            elif self._max_sessions is not None and len(self._sids) >= self._max_sessions:
+                found = self._evict(next(iter(self._sids)))
+                self.evictions += 1
+            else:
+                found = self._new_session()
+        self._sids[subject_id] = found  # (re)inserted last: the most recently used
+        return found
+
+    def release(self, subject_id: str) -> None:
+        """Retract a subject's facts and keep its session for another subject (its partition moved away)."""
+        if subject_id in self._sids:
+            self._free.append(self._evict(subject_id))
+
+    def _evict(self, subject_id: str) -> tuple[str, str]:
+        name, sid = self._sids.pop(subject_id)
+        self._asserted.pop(subject_id, None)
+        for fid in sorted(self._matches.pop(subject_id, {})):  # sync's rule: only handled facts were kept
+            self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
+        return name, sid
+
+    def _new_session(self) -> tuple[str, str]:
         if not self._shards or len(self._shard_hashes[-1]) >= self._shard_size:
             name = f"{self._prefix}_s{len(self._shards)}"
             try:
@@ -130,9 +163,7 @@ class RulesEngine:
                 break
             log.warning("engine sid %s skipped: its hash collides with another session", sid)
         hashes.add(h)
-        found = (self._shards[-1], sid)
-        self._sids[subject_id] = found
-        return found
+        return self._shards[-1], sid
 
     # ---- facts ------------------------------------------------------------------------------------------------
     def _on_action(self, rule: str, c: Any) -> None:

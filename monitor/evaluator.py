@@ -114,8 +114,9 @@ class Monitor:
         return alert.model_copy(update={"evidence": {**alert.evidence, "sources": sources}})
 
     def drop_subject(self, subject_id: str) -> None:
-        """Forget a subject whose partition moved to another instance (its engine session is left idle)."""
+        """Forget a subject whose partition moved to another instance (its engine session serves another)."""
         self.subjects.pop(subject_id, None)
+        self.engine.release(subject_id)
         self.book.forget(subject_id)
         self.deadlines.set(subject_id, None)
 

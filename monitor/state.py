@@ -16,7 +16,7 @@ class Applied(enum.Enum):
     SUPERSEDED = "superseded"  # same event_id, different payload, but older than the version held: ignored
 
 
-@dataclass
+@dataclass(slots=True)
 class Stored:
     event: Event
     canonical: str
