@@ -87,7 +87,8 @@ class RulesEngine:
     """Holds one compiled rules version and one engine session per subject.
 
     `sync(subject, facts)` makes the subject's facts in the engine equal to `facts` (retracting what went,
-    asserting what is new or changed); `matches(subject)` is the set of (rule id, fact id) currently firing.
+    asserting what is new or changed; the fact dicts are kept by reference, so callers must not change them);
+    `matches(subject)` is the set of (rule id, fact id) currently firing.
     """
 
     def __init__(self, *, definition: dict[str, Any], version: str, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -178,18 +179,16 @@ class RulesEngine:
         name, sid = self.session_of(subject_id)
         held = self._asserted.setdefault(subject_id, {})
         matches = self._matches.setdefault(subject_id, {})
-        for fid in sorted(held):
-            if facts.get(fid) != held[fid]:
-                if matches.pop(fid, None) is not None:
-                    self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
-                del held[fid]
-        for fid in sorted(facts):
-            if fid in held:
-                continue
+        gone = [fid for fid, old in held.items() if facts.get(fid) is not old and facts.get(fid) != old]
+        for fid in sorted(gone):
+            if matches.pop(fid, None) is not None:
+                self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
+            del held[fid]
+        for fid in sorted(f for f in facts if f not in held):
             message = dict(facts[fid], sid=sid, id=fid)
             self._fired.clear()
             handled = self._call(self._host.assert_fact, name, message)
-            held[fid] = dict(facts[fid])
+            held[fid] = facts[fid]  # callers pass messages they never change (Fact.message() is built once)
             rules = {rule for rule, s, f in self._fired if s == sid and f == fid}
             stray = [(r, s, f) for r, s, f in self._fired if s != sid or f != fid]
             if stray:
