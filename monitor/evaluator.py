@@ -143,7 +143,9 @@ class Monitor:
         self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items() if f.name in self._facts_read})
         matches = self.engine.matches(subject_id)
         if adopt is not None:
-            self.book.adopt(subject_id=subject_id, matches=matches, published=adopt[0], open_alerts=adopt[1])
+            self.book.adopt(subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,
+                            rules=self.rules.rules, published=adopt[0], open_alerts=adopt[1],
+                            detected_at=self.clock.now().isoformat(), version=self.rules.version)
         alerts = self.book.reconcile(
             subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,
             rules=self.rules.rules, detected_at=self.clock.now().isoformat(), version=self.rules.version)

@@ -8,7 +8,9 @@ reads the alerts topic back at start, so a record it already published is never 
 Time: in `wall` mode the processing time of an event is its broker timestamp and, between events, the wall clock,
 so a missed H12 escalation is alerted within `tick_seconds` of deadline + grace. In `stream` mode it is the events'
 `recorded_at` (replaying history through Kafka). On partition assignment the subjects of those partitions are
-rebuilt by reading the partitions from the beginning; on revocation they are dropped.
+rebuilt by reading the partitions from the beginning: up to the group's committed offset the history is loaded
+without evaluating each batch and each subject is evaluated once, taking over what the alerts topic holds; the rest
+is processed batch by batch, as live. On revocation they are dropped.
 """
 
 from __future__ import annotations
@@ -131,14 +133,13 @@ class MonitorService:
         return set(tps)
 
     def _bulk_boundary(self, tp: TopicPartition, end: int) -> int:
-        """Where a rebuild stops loading quietly: the partition's end at assignment. Every alert already on the
-        topic was caused by records before it, so the end state, with what was published adopted, is what a live
-        monitor would show; only alerts that came and went inside history never published (a new group, or a
-        crashed owner's unacknowledged tail) are not raised. A committed offset past the reported end (a broker
-        that under-reports it) moves the boundary there, so adoption never sees alerts from beyond it."""
+        """Where a rebuild stops loading quietly and goes on batch by batch, as live: the group's committed offset.
+        Every alert the history before it caused was published before the commit, so only its end state matters
+        (with what was published adopted); the rest (a crashed owner's unacknowledged tail, or all of a new
+        group's history) is evaluated batch by batch so no alert that came and went there is lost."""
         committed = getattr(self.source, "committed", None)
         done = committed(tp) if committed is not None else None
-        return max(end, done or 0)
+        return int(done or 0)
 
     def _finish_rebuild(self, tp: TopicPartition) -> list[tuple[Alert, int | None]]:
         """A partition's history is loaded: evaluate its subjects once, adopting what was already published."""
