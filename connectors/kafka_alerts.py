@@ -8,6 +8,7 @@ an alert record twice.
 
 from __future__ import annotations
 
+import json
 import time
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -41,24 +42,34 @@ class KafkaAlertSink:
         self.out.close()
 
 
-def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> set[tuple[str, str]]:
+class PublishedAlerts(set[tuple[str, str]]):
+    """The (alert_id, status) pairs on the alerts topic; `open` holds the raised records never retracted (alert_id
+    → decoded record), so a recovering monitor can withdraw an alert whose condition went while it was away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: dict[str, dict] = {}
+
+
+def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> PublishedAlerts:
     """Every (alert_id, status) already on the alerts topic, read from the beginning to the current end."""
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
                              group_id=None, client_id=f"{settings.client_id}-recovery",
                              **settings.kafka.client_options())
     try:
+        seen = PublishedAlerts()
         if settings.alerts_topic not in consumer.topics():  # also fetches the cluster metadata
-            return set()
+            return seen
         parts = consumer.partitions_for_topic(settings.alerts_topic) or set()
         if not parts:
             raise AlertPublishError(f"no partition metadata for {settings.alerts_topic}; refusing to guess")
         tps = [TopicPartition(settings.alerts_topic, p) for p in sorted(parts)]
         if not tps:
-            return set()
+            return seen
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         end = consumer.end_offsets(tps)
-        seen: set[tuple[str, str]] = set()
+        raised: dict[str, bytes] = {}
         deadline = time.monotonic() + timeout_s
         while any(consumer.position(tp) < end[tp] for tp in tps):
             if time.monotonic() > deadline:
@@ -67,7 +78,11 @@ def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> set[tupl
                 for m in msgs:
                     h = {k: v for k, v in (m.headers or [])}  # header keys are str, values bytes
                     if "alert_id" in h and "status" in h:
-                        seen.add((h["alert_id"].decode(), h["status"].decode()))
+                        key = (h["alert_id"].decode(), h["status"].decode())
+                        seen.add(key)
+                        if key[1] == "raised" and m.value is not None:
+                            raised[key[0]] = m.value
+        seen.open = {aid: json.loads(value) for aid, value in raised.items() if (aid, "retracted") not in seen}
         return seen
     finally:
         consumer.close()

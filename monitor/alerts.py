@@ -9,6 +9,7 @@ consumer that keys on `alert_id` never confuses the two.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -55,6 +56,8 @@ class AlertBook:
     def __init__(self) -> None:
         self._open: dict[str, dict[tuple[str, str], Alert]] = {}
         self._occurrences: dict[tuple[str, str, str], int] = {}
+        self._published: Collection[tuple[str, str]] | None = None  # the service's published set, once adopting
+        self._adopted: set[str] = set()  # subjects whose occurrence numbers continue those on the topic
 
     def open_alerts(self, subject_id: str | None = None) -> list[Alert]:
         books = [self._open.get(subject_id, {})] if subject_id else list(self._open.values())
@@ -62,8 +65,45 @@ class AlertBook:
 
     def forget(self, subject_id: str) -> None:
         self._open.pop(subject_id, None)
+        self._adopted.discard(subject_id)
         for key in [k for k in self._occurrences if k[1] == subject_id]:
             del self._occurrences[key]
+
+    def adopt(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
+              rules: dict[str, Rule], published: Collection[tuple[str, str]], open_alerts: list[Alert],
+              detected_at: str, version: str) -> None:
+        """After a rebuild loaded a subject's committed history without evaluating it batch by batch, take over
+        what was published for it. Each current match continues its latest published occurrence (open, or
+        withdrawn only by a crashed owner's unacknowledged tail, which is processed again next); open alerts that
+        no current match claims stay in the book under their own id, so the next `reconcile` withdraws them.
+        Later first matches of this subject continue the occurrence numbers found on the topic."""
+        self._published = published
+        self._adopted.add(subject_id)
+        book = self._open.setdefault(subject_id, {})
+        unclaimed = {a.alert_id: a for a in open_alerts if a.subject_id == subject_id and a.status == "raised"}
+        for rule_id, fact_id in sorted(matches):
+            rule, fact = rules.get(rule_id), facts.get(fact_id)
+            if (rule_id, fact_id) in book or rule is None or fact is None:
+                continue
+            key = (rule_id, subject_id, fact_id)
+            n = self._next_occurrence(key)
+            if n == 0:
+                continue
+            self._occurrences[key] = n
+            latest = alert_id(rule_id, subject_id, fact_id, n - 1)
+            found: Alert | None = unclaimed.pop(latest, None)
+            book[(rule_id, fact_id)] = found or make_alert(
+                rule=rule, fact=fact, subject_id=subject_id, site_id=site_id, alert_id=latest,
+                detected_at=detected_at, version=version)
+        for aid, alert in unclaimed.items():
+            book.setdefault((alert.rule, f"published:{aid}"), alert)
+
+    def _next_occurrence(self, key: tuple[str, str, str]) -> int:
+        n = self._occurrences.get(key, 0)
+        if self._published is not None and key[1] in self._adopted:
+            while (alert_id(*key, n), "raised") in self._published:
+                n += 1
+        return n
 
     def reconcile(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
                   rules: dict[str, Rule], detected_at: str, version: str) -> list[Alert]:
@@ -79,7 +119,7 @@ class AlertBook:
             if rule is None or fact is None:
                 continue
             key = (rule_id, subject_id, fact_id)
-            occurrence = self._occurrences.get(key, 0)
+            occurrence = self._next_occurrence(key)
             self._occurrences[key] = occurrence + 1
             alert = make_alert(rule=rule, fact=fact, subject_id=subject_id, site_id=site_id,
                                alert_id=alert_id(rule_id, subject_id, fact_id, occurrence), detected_at=detected_at,

@@ -13,6 +13,7 @@ import bisect
 import datetime as dt
 from dataclasses import dataclass
 from functools import cached_property
+from collections.abc import Mapping
 from typing import Any, Iterable
 from zoneinfo import ZoneInfo
 
@@ -68,7 +69,7 @@ class SubjectView:
 
     def __init__(self, *, subject_id: str, site_id: str, arm: str | None, events: dict[str, list[Any]],
                  params: Parameters, tables: Tables, analytes: dict[str, str] | None = None,
-                 first_reported: dict[str, dt.datetime] | None = None, memo: dict[str, Any] | None = None) -> None:
+                 first_reported: Mapping[str, dt.datetime] | None = None, memo: dict[str, Any] | None = None) -> None:
         self.subject_id = subject_id
         self.site_id = site_id
         self.arm = arm
@@ -262,7 +263,7 @@ class Deriver:
         """A fresh view of one subject's current events for one evaluation."""
         return SubjectView(subject_id=state.subject_id, site_id=state.site_id, arm=state.arm, events=state.by_type(),
                            params=self.p, tables=self.t, analytes=self._analytes,
-                           first_reported=state.first_reported(), memo=state.memo)
+                           first_reported=state.first_reported_view(), memo=state.memo)
 
     # What each derivation reads ("temperature" and "measure" split vital signs). Every derivation also depends on
     # enrollment and drug administrations (arm, T0). A derivation is re-run only if one of its inputs changed or

@@ -6,6 +6,10 @@ It applies every workaround of ENGINE_NOTES:
   same registration (two subjects must never share a session);
 - subjects are sharded over several registrations of the same ruleset, each well under 1,024 sessions;
   `delete_state` is never called;
+- sessions are pooled (`max_sessions`): a session costs ~660 KB with the bundled rules, so only the subjects
+  evaluated most recently keep one. The least recently used subject's facts are retracted and its session serves
+  the next subject; an evicted subject's facts are asserted again at its next `sync` (rules read one fact each, so
+  its matches come back the same);
 - the Host's timer and dispatch threads are never started: the monitor owns time;
 - ruleset names carry the rules version and an instance tag, so versions can live side by side;
 - every engine call and every action is wrapped: "not handled" means no match, anything else is an EngineError.
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_SESSIONS_PER_REGISTRATION = 1024
 DEFAULT_SHARD_SIZE = 1000
+DEFAULT_MAX_SESSIONS = 256
 
 
 def sid_hash(sid: str) -> int:
@@ -82,12 +87,16 @@ class RulesEngine:
     """Holds one compiled rules version and one engine session per subject.
 
     `sync(subject, facts)` makes the subject's facts in the engine equal to `facts` (retracting what went,
-    asserting what is new or changed); `matches(subject)` is the set of (rule id, fact id) currently firing.
+    asserting what is new or changed; the fact dicts are kept by reference, so callers must not change them);
+    `matches(subject)` is the set of (rule id, fact id) currently firing.
     """
 
-    def __init__(self, *, definition: dict[str, Any], version: str, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+    def __init__(self, *, definition: dict[str, Any], version: str, shard_size: int = DEFAULT_SHARD_SIZE,
+                 max_sessions: int | None = DEFAULT_MAX_SESSIONS) -> None:
         if not 0 < shard_size < MAX_SESSIONS_PER_REGISTRATION:
             raise EngineError(f"shard_size must be between 1 and {MAX_SESSIONS_PER_REGISTRATION - 1}")
+        if max_sessions is not None and max_sessions < 1:
+            raise EngineError("max_sessions must be at least 1 (or None: one session per subject, never reused)")
         check_definition(definition)
         self.version = version
         self._definition = definition
@@ -96,7 +105,10 @@ class RulesEngine:
         self._host = _Host(self._on_action)
         self._shards: list[str] = []
         self._shard_hashes: list[set[int]] = []
-        self._sids: dict[str, tuple[str, str]] = {}
+        self._sids: dict[str, tuple[str, str]] = {}  # subjects holding a session, least recently used first
+        self._max_sessions = max_sessions
+        self._free: list[tuple[str, str]] = []  # sessions released by dropped subjects, emptied of their facts
+        self.evictions = 0
         self._next_sid = 0
         self._asserted: dict[str, dict[str, dict[str, Any]]] = {}
         self._matches: dict[str, dict[str, set[str]]] = {}
@@ -110,9 +122,31 @@ class RulesEngine:
 
     def session_of(self, subject_id: str) -> tuple[str, str]:
         """(registration name, sid) of a subject, created on first use."""
-        found = self._sids.get(subject_id)
-        if found is not None:
-            return found
+        found = self._sids.pop(subject_id, None)
+        if found is None:
+            if self._free:
+                found = self._free.pop()
+            elif self._max_sessions is not None and len(self._sids) >= self._max_sessions:
+                found = self._evict(next(iter(self._sids)))
+                self.evictions += 1
+            else:
+                found = self._new_session()
+        self._sids[subject_id] = found  # (re)inserted last: the most recently used
+        return found
+
+    def release(self, subject_id: str) -> None:
+        """Retract a subject's facts and keep its session for another subject (its partition moved away)."""
+        if subject_id in self._sids:
+            self._free.append(self._evict(subject_id))
+
+    def _evict(self, subject_id: str) -> tuple[str, str]:
+        name, sid = self._sids.pop(subject_id)
+        self._asserted.pop(subject_id, None)
+        for fid in sorted(self._matches.pop(subject_id, {})):  # sync's rule: only handled facts were kept
+            self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
+        return name, sid
+
+    def _new_session(self) -> tuple[str, str]:
         if not self._shards or len(self._shard_hashes[-1]) >= self._shard_size:
             name = f"{self._prefix}_s{len(self._shards)}"
             try:
@@ -130,9 +164,7 @@ class RulesEngine:
                 break
             log.warning("engine sid %s skipped: its hash collides with another session", sid)
         hashes.add(h)
-        found = (self._shards[-1], sid)
-        self._sids[subject_id] = found
-        return found
+        return self._shards[-1], sid
 
     # ---- facts ------------------------------------------------------------------------------------------------
     def _on_action(self, rule: str, c: Any) -> None:
@@ -147,18 +179,16 @@ class RulesEngine:
         name, sid = self.session_of(subject_id)
         held = self._asserted.setdefault(subject_id, {})
         matches = self._matches.setdefault(subject_id, {})
-        for fid in sorted(held):
-            if facts.get(fid) != held[fid]:
-                if matches.pop(fid, None) is not None:
-                    self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
-                del held[fid]
-        for fid in sorted(facts):
-            if fid in held:
-                continue
+        gone = [fid for fid, old in held.items() if facts.get(fid) is not old and facts.get(fid) != old]
+        for fid in sorted(gone):
+            if matches.pop(fid, None) is not None:
+                self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
+            del held[fid]
+        for fid in sorted(f for f in facts if f not in held):
             message = dict(facts[fid], sid=sid, id=fid)
             self._fired.clear()
             handled = self._call(self._host.assert_fact, name, message)
-            held[fid] = dict(facts[fid])
+            held[fid] = facts[fid]  # callers pass messages they never change (Fact.message() is built once)
             rules = {rule for rule, s, f in self._fired if s == sid and f == fid}
             stray = [(r, s, f) for r, s, f in self._fired if s != sid or f != fid]
             if stray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -83,20 +83,37 @@ class Monitor:
         subject whose deadline is due. Each item is (validated event, decoded payload[, origin])."""
         touched: set[str] = set()
         for item in batch:
-            event, payload = item[0], item[1]
-            origin = item[2] if len(item) > 2 else None
-            state = self.subjects.get(event.subject_id)
-            if state is None:
-                state = self.subjects[event.subject_id] = SubjectState(event.subject_id, event.site_id)
-            previous = state.events.get(event.event_id)
-            outcome = state.apply(event, canonical(payload), origin)
-            self.stats.events[outcome.value] += 1
-            if outcome in (Applied.NEW, Applied.AMENDED):
-                touched.add(event.subject_id)
-                state.changed.add(self.deriver.kind_of(event))
-                if previous is not None:
-                    state.changed.add(self.deriver.kind_of(previous.event))
+            if self.load(item):
+                touched.add(item[0].subject_id)
         return self._evaluate(touched | set(self.deadlines.pop_due(self.clock.now())))
+
+    def load(self, item: tuple[Any, ...]) -> bool:
+        """Apply one (event, payload[, origin]) to its subject's history without evaluating anything; True if it
+        changed the history. A rebuild loads a partition's history this way, then calls `evaluate_rebuilt`."""
+        event, payload = item[0], item[1]
+        origin = item[2] if len(item) > 2 else None
+        state = self.subjects.get(event.subject_id)
+        if state is None:
+            state = self.subjects[event.subject_id] = SubjectState(event.subject_id, event.site_id)
+        previous = state.events.get(event.event_id)
+        outcome = state.apply(event, canonical(payload), origin)
+        self.stats.events[outcome.value] += 1
+        if outcome in (Applied.NEW, Applied.AMENDED):
+            state.changed.add(self.deriver.kind_of(event))
+            if previous is not None:
+                state.changed.add(self.deriver.kind_of(previous.event))
+            return True
+        return False
+
+    def evaluate_rebuilt(self, subjects: Iterable[str], *, published: Collection[tuple[str, str]],
+                         open_alerts: dict[str, list[Alert]]) -> list[Alert]:
+        """Evaluate subjects loaded by a rebuild once, on their end state. What was already published for them
+        (`published`, and the alerts still open on the topic, by subject) is adopted first, so an alert whose
+        condition went is withdrawn and occurrence numbers continue where they were."""
+        out: list[Alert] = []
+        for subject_id in sorted(s for s in subjects if s in self.subjects):
+            out.extend(self.evaluate_subject(subject_id, adopt=(published, open_alerts.get(subject_id, []))))
+        return out
 
     def tick(self) -> list[Alert]:
         """Evaluate the subjects whose deadlines are due at the clock's current time."""
@@ -122,8 +139,9 @@ class Monitor:
         return alert.model_copy(update={"evidence": {**alert.evidence, "sources": sources}})
 
     def drop_subject(self, subject_id: str) -> None:
-        """Forget a subject whose partition moved to another instance (its engine session is left idle)."""
+        """Forget a subject whose partition moved to another instance (its engine session serves another)."""
         self.subjects.pop(subject_id, None)
+        self.engine.release(subject_id)
         self.book.forget(subject_id)
         self.deadlines.set(subject_id, None)
 
@@ -140,15 +158,21 @@ class Monitor:
             out.extend(self.evaluate_subject(subject_id))
         return out
 
-    def evaluate_subject(self, subject_id: str) -> list[Alert]:
+    def evaluate_subject(self, subject_id: str,
+                         adopt: tuple[Collection[tuple[str, str]], list[Alert]] | None = None) -> list[Alert]:
         state = self.subjects[subject_id]
         view = self.deriver.view(state)
         derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed)
         state.changed = set()
         facts = {f.fact_id: f for f in derived.facts}
         self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items() if f.name in self._facts_read})
+        matches = self.engine.matches(subject_id)
+        if adopt is not None:
+            self.book.adopt(subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,
+                            rules=self.rules.rules, published=adopt[0], open_alerts=adopt[1],
+                            detected_at=self.clock.now().isoformat(), version=self.rules.version)
         alerts = self.book.reconcile(
-            subject_id=subject_id, site_id=state.site_id, matches=self.engine.matches(subject_id), facts=facts,
+            subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,
             rules=self.rules.rules, detected_at=self.clock.now().isoformat(), version=self.rules.version)
         self.deadlines.set(subject_id, derived.next_deadline + self.grace if derived.next_deadline else None)
         alerts = [self._with_sources(a, state) for a in alerts]

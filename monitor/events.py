@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -252,13 +253,35 @@ def parse_event(data: dict[str, Any]) -> Event:
             "unknown_type", f"unknown event type {kind!r}; expected one of {', '.join(EVENT_TYPES)}", event_id=event_id
         )
     try:
-        return _ADAPTER.validate_python(data)
+        return _compact(_ADAPTER.validate_python(data))
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         detail = "; ".join(_describe(e) for e in errors[:3])
         raise EventRejected(_reason_for(errors), f"{kind} event: {detail}", event_id=event_id) from None
     except (TypeError, ValueError, RecursionError) as exc:  # defensive: pydantic edge cases on odd input
         raise EventRejected("invalid_field", f"{kind} event: {exc}", event_id=event_id) from None
+
+
+_FIELDS_SETS: dict[tuple[type, frozenset[str]], set[str]] = {}
+_MAX_FIELDS_SETS = 4096
+
+
+def _compact(event: Any) -> Any:
+    """A subject's history holds ~100 events for months: events that set the same fields share one
+    `__pydantic_fields_set__` (~730 bytes each otherwise; frozen models never change it), and short repeated texts
+    (subject, site, type, drug, unit ...) are interned. Values are unchanged."""
+    fields = event.__pydantic_fields_set__
+    key = (type(event), frozenset(fields))
+    shared = _FIELDS_SETS.get(key)
+    if shared is None and len(_FIELDS_SETS) < _MAX_FIELDS_SETS:
+        shared = _FIELDS_SETS[key] = set(fields)
+    if shared is not None:
+        object.__setattr__(event, "__pydantic_fields_set__", shared)
+    values = event.__dict__
+    for name, value in values.items():
+        if type(value) is str and name != "event_id" and len(value) <= 64:
+            values[name] = sys.intern(value)
+    return event
 
 
 def canonical(data: dict[str, Any]) -> str:

@@ -183,7 +183,10 @@ class Fact:
 
     @property
     def fact_id(self) -> str:
-        return f"{self.name}:{self.key}"
+        cached = self.__dict__.get("_fact_id")
+        if cached is None:
+            cached = self.__dict__["_fact_id"] = f"{self.name}:{self.key}"
+        return cached
 
     def message(self) -> dict[str, Any]:
         """The engine's view: scalar fields only, None dropped (a missing field simply matches nothing).

@@ -15,7 +15,9 @@ without committing: at restart the batch is read and its alerts derived again.
 Time: in `wall` mode the processing time of an event is its broker timestamp and, between events, the wall clock,
 so a missed H12 escalation is alerted within `tick_seconds` of deadline + grace. In `stream` mode it is the events'
 `recorded_at` (replaying history through Kafka). On partition assignment the subjects of those partitions are
-rebuilt by reading the partitions from the beginning; on revocation they are dropped.
+rebuilt by reading the partitions from the beginning: up to the group's committed offset the history is loaded
+without evaluating each batch and each subject is evaluated once, taking over what the alerts topic holds; the rest
+is processed batch by batch, as live. On revocation they are dropped.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class ServiceState:
     """What the service knows about its partitions: for readiness and for dropping subjects on revocation."""
 
     rebuild_until: dict[TopicPartition, int] = field(default_factory=dict)
+    # records below this offset are loaded without evaluation; the partition's subjects are then evaluated once
+    bulk_until: dict[TopicPartition, int] = field(default_factory=dict)
     subjects_by_partition: dict[TopicPartition, set[str]] = field(default_factory=dict)
     ready: bool = False
 
@@ -101,6 +105,7 @@ class MonitorService:
         self.state = ServiceState()
         self.source = None  # set by attach()
         self._newly_assigned: list[TopicPartition] = []
+        self._open_published: dict[str, list[Alert]] = {}  # by subject, read back while partitions rebuild
         self._gauges_at = 0.0
         self.reload_requested = threading.Event()
         self.audit_store: Any = None  # an AlertStore when configured: rules loads and switches are audited
@@ -125,6 +130,7 @@ class MonitorService:
             for subject in self.state.subjects_by_partition.pop(tp, set()):
                 self.monitor.drop_subject(subject)
             self.state.rebuild_until.pop(tp, None)
+            self.state.bulk_until.pop(tp, None)
             if tp in self._newly_assigned:
                 self._newly_assigned.remove(tp)
         if tps:
@@ -137,16 +143,45 @@ class MonitorService:
         if not tps or self.source is None:
             return set()
         if self.refresh_published is not None:  # another instance may have published for these subjects
-            self.published |= self.refresh_published()
+            fresh = self.refresh_published()
+            self.published |= fresh
+            self._open_published = {}
+            for record in getattr(fresh, "open", {}).values():
+                alert = Alert.model_validate(record)
+                self._open_published.setdefault(alert.subject_id, []).append(alert)
         ends = self.source.end_offsets(tps)
         self._newly_assigned = [tp for tp in self._newly_assigned if tp not in tps]
         for tp in tps:
             self.state.rebuild_until[tp] = ends.get(tp, 0)
             self.state.subjects_by_partition.setdefault(tp, set())
+            boundary = self._bulk_boundary(tp, ends.get(tp, 0))
+            if boundary > 0:
+                self.state.bulk_until[tp] = boundary
         self.source.seek_to_beginning(tps)
         log.info("assigned partitions %s; rebuilding their subjects from the beginning (%d records)",
                  sorted(t.partition for t in tps), sum(ends.values()))
         return set(tps)
+
+    def _bulk_boundary(self, tp: TopicPartition, end: int) -> int:
+        """Where a rebuild stops loading quietly and goes on batch by batch, as live: the group's committed offset.
+        Every alert the history before it caused was published before the commit, so only its end state matters
+        (with what was published adopted); the rest (a crashed owner's unacknowledged tail, or all of a new
+        group's history) is evaluated batch by batch so no alert that came and went there is lost."""
+        committed = getattr(self.source, "committed", None)
+        done = committed(tp) if committed is not None else None
+        return int(done or 0)
+
+    def _finish_rebuild(self, tp: TopicPartition) -> list[tuple[Alert, int | None]]:
+        """A partition's history is loaded: evaluate its subjects once, adopting what was already published."""
+        del self.state.bulk_until[tp]
+        started = time.monotonic()
+        subjects = self.state.subjects_by_partition.get(tp, set())
+        alerts = self.monitor.evaluate_rebuilt(subjects, published=self.published, open_alerts=self._open_published)
+        if not self.state.bulk_until:
+            self._open_published = {}
+        log.info("partition %d rebuilt: %d subjects evaluated in %.2f s", tp.partition, len(subjects),
+                 time.monotonic() - started)
+        return [(a, None) for a in alerts]
 
     def attach(self, source) -> None:  # type: ignore[no-untyped-def]
         self.source = source
@@ -182,6 +217,14 @@ class MonitorService:
             if self.metrics is not None:
                 self.metrics.events_consumed.labels(event.site_id, event.type).inc()
             self.state.subjects_by_partition.setdefault(tp, set()).add(event.subject_id)
+            if tp in self.state.bulk_until:  # rebuilding: load history quietly up to the boundary
+                if rec.offset < self.state.bulk_until[tp]:  # type: ignore[operator]
+                    self._advance(rec, event.recorded_at)
+                    self.monitor.load((event, payload, {"topic": rec.topic, "partition": rec.partition,
+                                                        "offset": rec.offset}))
+                    continue
+                flush_batch()
+                produced.extend(self._finish_rebuild(tp))
             if batch and batch[0][0].recorded_at != event.recorded_at:
                 flush_batch()
             if not batch:
@@ -190,6 +233,8 @@ class MonitorService:
             batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}))
             batch_ts[0] = rec.timestamp_ms
         flush_batch()
+        for tp in [t for t in self.state.bulk_until if offsets.get(t, 0) >= self.state.bulk_until[t]]:
+            produced.extend(self._finish_rebuild(tp))
         if self.settings.clock == "wall":
             self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
         produced.extend((a, None) for a in self.monitor.tick())

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import bisect
 import enum
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.events import Event
+
+
+def _event_order(e: Any) -> tuple[Any, str]:
+    return e.occurred_at, e.event_id
+
+
+class _FirstReported(Mapping[str, Any]):
+    """event_id -> when it was first reported, read from the stored versions on demand."""
+
+    def __init__(self, events: dict[str, "Stored"]) -> None:
+        self._events = events
+
+    def __getitem__(self, event_id: str) -> Any:
+        return self._events[event_id].first_recorded_at
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._events)
+
+    def __len__(self) -> int:
+        return len(self._events)
 
 
 class Applied(enum.Enum):
@@ -16,7 +38,7 @@ class Applied(enum.Enum):
     SUPERSEDED = "superseded"  # same event_id, different payload, but older than the version held: ignored
 
 
-@dataclass
+@dataclass(slots=True)
 class Stored:
     event: Event
     canonical: str
@@ -50,7 +72,14 @@ class SubjectState:
         if held is not None and event.recorded_at < first:
             first = event.recorded_at
         self.events[event.event_id] = Stored(event, canonical, self._seq, first, origin)
-        self._by_type = None
+        if self._by_type is not None:  # copy-on-write of the one list that changed: views handed out stay intact
+            groups = dict(self._by_type)
+            if held is not None:
+                groups[held.event.type] = [e for e in groups.get(held.event.type, []) if e is not held.event]
+            items = list(groups.get(event.type, []))
+            bisect.insort(items, event, key=_event_order)
+            groups[event.type] = items
+            self._by_type = groups
         self.site_id = event.site_id
         if event.type == "enrollment" and event.arm:
             self.arm = event.arm
@@ -60,6 +89,10 @@ class SubjectState:
 
     def origins(self, event_ids: list[str]) -> dict[str, Any]:
         return {eid: self.events[eid].origin for eid in event_ids if eid in self.events and self.events[eid].origin}
+
+    def first_reported_view(self) -> Mapping[str, Any]:
+        """Like `first_reported`, without building a dict per evaluation."""
+        return _FirstReported(self.events)
 
     def first_reported(self) -> dict[str, Any]:
         """event_id → when it was first reported (an SAE corrected later was still reported on time)."""
@@ -74,6 +107,6 @@ class SubjectState:
         for stored in self.events.values():
             groups.setdefault(stored.event.type, []).append(stored.event)
         for items in groups.values():
-            items.sort(key=lambda e: (e.occurred_at, e.event_id))
+            items.sort(key=_event_order)
         self._by_type = groups
         return groups

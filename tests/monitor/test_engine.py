@@ -284,3 +284,63 @@ def test_engine_starts_no_threads():
     e.sync("B", {"f": lab(2.0)})
     RulesEngine(definition=load_rules().engine_definition(), version="bundled").session_of("X")
     assert threading.active_count() == before
+
+
+# ---- (g) session pool -----------------------------------------------------------------------------------------------
+
+
+def test_least_recently_used_subject_gives_up_its_session_and_gets_its_matches_back():
+    e = make(max_sessions=2)
+    e.sync("A", {"f": lab(1.0)})
+    e.sync("B", {"f": lab(2.0)})
+    e.sync("A", {"f": lab(1.0)})  # A used last: B is the least recently used
+    a_session, b_session = e.session_of("A"), e.session_of("B")
+    e.sync("C", {"f": lab(1.1), "g": lab(9.0)})
+    assert e.evictions >= 1
+    c_session = e.session_of("C")
+    assert c_session in (a_session, b_session)
+    assert sorted(f["id"] for f in e.engine_facts("C")) == ["f"]  # nothing of the evicted subject is left
+    assert e.matches("C") == {("LOW", "f")}
+    for s, value, expected in (("A", 1.0, {("LOW", "f")}), ("B", 2.0, set())):
+        e.sync(s, {"f": lab(value)})
+        assert e.matches(s) == expected, s
+    assert len({e.session_of(s) for s in "ABC"}) <= 2
+
+
+def test_a_reused_session_holds_no_unmatched_fact_of_its_previous_subject():
+    """A fact that matched nothing for the previous subject must not make the same fact id of the next one look
+    like a duplicate (the engine would then never fire for it)."""
+    e = make(max_sessions=1)
+    e.sync("A", {"f": lab(5.0), "x": {"fact": "weight_status", "weight_known": False}})
+    e.sync("B", {"f": lab(1.0), "x": lab(0.5)})
+    assert e.matches("B") == {("LOW", "f"), ("LOW", "x")}
+    e.sync("A", {"f": lab(5.0)})
+    assert e.matches("A") == set()
+    assert [f["value"] for f in e.engine_facts("A")] in ([], [5.0])
+
+
+def test_released_sessions_are_reused_without_new_sids():
+    e = make(max_sessions=None)
+    for s in ("A", "B"):
+        e.sync(s, {"f": lab(1.0)})
+    e.release("A")
+    e.sync("C", {"f": lab(3.0)})
+    assert e.evictions == 0
+    assert e.matches("C") == set()
+    assert {e.session_of(s)[1] for s in ("B", "C")} == {"1", "2"}
+
+
+def test_many_subjects_through_a_small_pool_keep_their_own_matches():
+    e = make(max_sessions=5, shard_size=3)
+    for rnd in range(3):
+        for i in range(23):
+            e.sync(f"S{i}", {"f": lab(1.0 if (i + rnd) % 3 == 0 else 2.0)})
+            assert e.matches(f"S{i}") == ({("LOW", "f")} if (i + rnd) % 3 == 0 else set())
+    assert e.shard_count == 2  # 5 sessions, 3 per registration
+    _hashes_unique_per_registration(e, [f"S{i}" for i in range(18, 23)], sid_hash)  # the five holding a session
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_pool_size_must_be_positive(size):
+    with pytest.raises(EngineError):
+        make(max_sessions=size)
