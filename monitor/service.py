@@ -207,6 +207,8 @@ class MonitorService:
                 event = parse_event(payload)
                 self.monitor.admit(event, batch if batch and batch[0][0].recorded_at == event.recorded_at else [])
             except EventRejected as exc:
+                if rec.offset is not None and rec.offset < self.state.bulk_until.get(tp, 0):
+                    continue  # rebuilding history: dead-lettered before the group committed past it
                 self.stats["rejected"] += 1
                 if self.metrics is not None:
                     self.metrics.events_rejected.labels(exc.reason).inc()

@@ -129,3 +129,28 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_good_events_go_on(broker, t
         assert headers["source_partition"] == b"0" and int(headers["source_offset"]) >= 5
         assert headers["detail"]
     assert any(json.loads(m.value)["rule"] == "ELIG-NEUTROPENIA" for m in alerts)
+
+
+def test_a_restart_does_not_dead_letter_the_same_record_twice(broker, tmp_path):
+    """Rebuilding a partition reads its history again; records dead-lettered before the commit stay single."""
+    from tests.connectors.kafkatools import wait_until_consumed
+
+    topics = _topics("dl-restart")
+    create_topics(broker.bootstrap, {topics["events"]: 1, topics["alerts"]: 1, topics["dead"]: 1})
+    header, events = load_scenario(SHARED / "scenarios" / "13_excl_neutropenia_si_units.jsonl")
+    good = events_as_records(events)
+    produce(broker.bootstrap, topics["events"], good[:3] + [(b"S1", b"{not json")] + good[3:])
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    first = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=tmp_path / "one.log").start()
+    try:
+        assert wait_until_consumed(broker.bootstrap, group, topics["events"], timeout_s=60)
+    finally:
+        assert first.stop() == 0
+    second = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=tmp_path / "two.log").start()
+    try:
+        produce(broker.bootstrap, topics["events"], [(b"S2", b"[1, 2]")])
+        assert wait_until_consumed(broker.bootstrap, group, topics["events"], timeout_s=60)
+        dead = read_topic(broker.bootstrap, topics["dead"], timeout_s=10)
+    finally:
+        assert second.stop() == 0
+    assert [m.value for m in dead] == [b"{not json", b"[1, 2]"]
