@@ -72,13 +72,22 @@ def run_notifier(settings: Settings, *, stop: threading.Event) -> Notifier:
     from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata
 
+    from monitor.service import StoppedWhileConnecting, connect_with_backoff
+
     store = AlertStore(url=settings.store or "sqlite:///alerts.db")
     notifier = Notifier(store=store, router=Router.from_config(settings.routes))
-    consumer = KafkaConsumer(settings.alerts_topic, bootstrap_servers=settings.bootstrap_servers,
-                             group_id=settings.notify_group_id, enable_auto_commit=False,
-                             auto_offset_reset="earliest", session_timeout_ms=settings.session_timeout_ms,
-                             heartbeat_interval_ms=settings.heartbeat_interval_ms, **settings.kafka.client_options())
+    try:  # the broker may not answer yet: retry with back-off (and listen for SIGTERM) rather than crash
+        consumer = connect_with_backoff("alerts consumer", lambda: KafkaConsumer(
+            settings.alerts_topic, bootstrap_servers=settings.bootstrap_servers, group_id=settings.notify_group_id,
+            enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms, **settings.kafka.client_options()),
+            settings=settings, stop=stop)
+    except StoppedWhileConnecting:
+        log.info("notifier stopped before the broker answered")
+        store.close()
+        return notifier
     log.info("notifier: %d route(s), store %s", len(notifier.router.routes), store.url.split("@")[-1])
+    commit_failed_at = 0.0
 
     def commit(stored: dict[TopicPartition, int]) -> None:
         if stored:
@@ -105,7 +114,14 @@ def run_notifier(settings: Settings, *, stop: threading.Event) -> Notifier:
                                   m.topic, m.partition, m.offset, exc)
                         raise
                     stored[tp] = m.offset + 1
-            commit(stored)
+            try:
+                commit(stored)
+            except KafkaError as exc:  # broker gone: what is stored stays stored; read again, it is recognised
+                if time.monotonic() - commit_failed_at >= 30.0:
+                    commit_failed_at = time.monotonic()
+                    log.warning("could not commit the stored alert records (%s: %s); they are read again and "
+                                "recognised when the broker answers; deliveries go on from the store",
+                                type(exc).__name__, exc)
             try:
                 notifier.deliver_due()
             except StoreUnavailable as exc:

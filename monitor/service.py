@@ -518,11 +518,11 @@ class MonitorService:
         self._delay = min(self._delay * 2, self.retry_max_s)
 
 
-class _StoppedWhileConnecting(Exception):
+class StoppedWhileConnecting(Exception):
     """The operator stopped the service before the broker answered."""
 
 
-def _connect(what: str, make: Callable[[], Any], *, settings: Settings, stop: threading.Event | None) -> Any:
+def connect_with_backoff(what: str, make: Callable[[], Any], *, settings: Settings, stop: threading.Event | None) -> Any:
     """Create a Kafka client, retrying with back-off while the broker is unreachable (never crash at start)."""
     from kafka.errors import KafkaError
 
@@ -532,7 +532,7 @@ def _connect(what: str, make: Callable[[], Any], *, settings: Settings, stop: th
             return make()
         except KafkaError as exc:
             if stop is not None and stop.is_set():
-                raise _StoppedWhileConnecting() from exc
+                raise StoppedWhileConnecting() from exc
             log.warning("Kafka broker unreachable at %s (%s: %s); retrying in %.0f s — not ready until connected",
                         settings.bootstrap_servers, what, type(exc).__name__, delay)
             if stop is not None:
@@ -584,11 +584,11 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
                                               port=settings.metrics_port, ready=lambda: service.state.ready).start()
         log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", settings.metrics_host,
                  settings.metrics_port)
-    service.alerts = _connect("alerts producer", lambda: KafkaAlertSink(settings=settings), settings=settings,
+    service.alerts = connect_with_backoff("alerts producer", lambda: KafkaAlertSink(settings=settings), settings=settings,
                               stop=stop)
-    service.dead_letters = _connect("dead-letter producer", lambda: KafkaDeadLetterSink(settings=settings),
+    service.dead_letters = connect_with_backoff("dead-letter producer", lambda: KafkaDeadLetterSink(settings=settings),
                                     settings=settings, stop=stop)
-    service.attach(_connect("events consumer", lambda: KafkaEventSource(
+    service.attach(connect_with_backoff("events consumer", lambda: KafkaEventSource(
         settings=settings, on_assigned=service.on_assigned, on_revoked=service.on_revoked),
         settings=settings, stop=stop))
     log.info("connected to %s", settings.bootstrap_servers)
@@ -601,7 +601,7 @@ def run_service(settings: Settings, *, stop: threading.Event,
     """Build the service and run it until `stop` is set. Returns the service (for its stats)."""
     try:
         service = build_service(settings, on_alert=on_alert, stop=stop)
-    except _StoppedWhileConnecting:
+    except StoppedWhileConnecting:
         log.info("stopped before the broker answered")
         raise SystemExit(0) from None
     if on_ready is not None:
