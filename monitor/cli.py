@@ -62,7 +62,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
-        logging.getLogger("monitor").warning("signal %d: finishing the current batch, then stopping", signum)
+        logging.getLogger("monitor").warning("signal %d: stopping after the current batch (a batch the broker has not acknowledged is left uncommitted and done again at the next start)", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, request_stop)

@@ -246,7 +246,7 @@ def test_sigterm_during_a_large_batch_exits_cleanly_and_loses_nothing(tmp_path, 
             service.stop()
         text = log.read_text()
         assert code == 0 and "Traceback" not in text, text[-3000:]
-        assert "finishing the current batch" in text and "stopping: offsets committed" in text
+        assert "stopping after the current batch" in text and "stopping: offsets committed" in text
         at_stop = committed_offsets(broker.bootstrap, group, topics["events"])
         ends = end_offsets(broker.bootstrap, topics["events"])
         assert sum(at_stop.values()) < sum(ends.values()), "the backlog was done before SIGTERM: nothing was tested"
