@@ -1,0 +1,123 @@
+"""Recovery in the crash window: an owner published alerts for records it never committed, then died. The next
+owner loads the committed history quietly, evaluates it once, then processes the uncommitted tail batch by batch.
+Whatever the committed offset, the alerts topic must end in the state of a clean run (the same open alerts), with
+no (alert_id, status) record twice. An in-memory partition stands in for Kafka (the real-broker SIGKILL test is
+tests/connectors/test_kafka_recovery.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import pytest
+
+from connectors.base import RawRecord
+from connectors.kafka_alerts import PublishedAlerts
+from monitor.clock import ReplayClock
+from monitor.config import Settings
+from monitor.evaluator import Monitor
+from monitor.rules import load_rules
+from monitor.service import MonitorService
+from tests.conftest import SHARED, load_scenario
+from tests.monitor.test_service import TP, Topic
+
+SCENARIOS = ("21_late_dose_record_retracts_alert.jsonl", "06_overdose_above_8mgkg.jsonl",
+             "04_missed_escalation_h12.jsonl")
+
+
+class Partition:
+    """One partition, read one record per poll; it has a committed offset and can be read from the beginning."""
+
+    def __init__(self, records: list[RawRecord], committed: int) -> None:
+        self.records, self._committed, self.pos = records, committed, committed
+        self.commits: list[int] = []
+
+    def poll(self, timeout_ms: int) -> list[RawRecord]:
+        out = self.records[self.pos:self.pos + 1]
+        self.pos += len(out)
+        return out
+
+    def commit(self, offsets) -> None:
+        if offsets:
+            self.commits.append(offsets[TP])
+
+    def committed(self, tp) -> int:
+        return self._committed
+
+    def end_offsets(self, tps) -> dict:
+        return {tp: len(self.records) for tp in tps}
+
+    def seek_to_beginning(self, tps) -> None:
+        self.pos = 0
+
+    def assignment(self) -> set:
+        return {TP}
+
+    def lag(self) -> dict:
+        return {TP: len(self.records) - self.pos}
+
+
+def read_back(topic: Topic) -> PublishedAlerts:
+    seen = PublishedAlerts()
+    raised = {}
+    for a in topic.records:
+        seen.add((a.alert_id, a.status))
+        if a.status == "raised":
+            raised[a.alert_id] = json.loads(a.model_dump_json())
+    seen.open = {aid: r for aid, r in raised.items() if (aid, "retracted") not in seen}
+    return seen
+
+
+def records() -> list[RawRecord]:
+    out: list[RawRecord] = []
+    for name in SCENARIOS:
+        path = SHARED / "scenarios" / name
+        if not path.is_file():
+            pytest.skip("published scenarios not found")
+        out += [RawRecord(value=json.dumps(e).encode(), origin="", topic="events", partition=0, offset=0,
+                          timestamp_ms=None) for e in load_scenario(path)[1]]
+    out.sort(key=lambda r: json.loads(r.value)["recorded_at"])
+    return [RawRecord(value=r.value, origin=f"events/0@{i}", topic="events", partition=0, offset=i,
+                      timestamp_ms=None) for i, r in enumerate(out)]
+
+
+def run(partition: Partition, topic: Topic, rules) -> None:
+    """A new owner takes the partition and processes it to its end."""
+    clock = ReplayClock()
+    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=topic,
+                         dead_letters=Topic(), monitor=Monitor.create(rules=rules, clock=clock), published=set(),
+                         refresh_published=lambda: read_back(topic))
+    svc.attach(partition)
+    svc.on_assigned([TP])
+    stop = threading.Event()
+    for _ in range(len(partition.records) * 3 + 10):
+        svc.run_once(stop)
+        if partition.pos >= len(partition.records) and svc.state.ready:
+            break
+    assert svc.state.ready
+
+
+def final_open(topic: Topic) -> Counter:
+    return Counter((r["rule"], r["subject_id"], r["at"]) for r in read_back(topic).open.values())
+
+
+def test_whatever_the_committed_offset_the_topic_ends_as_a_clean_run():
+    rules = load_rules()
+    recs = records()
+    clean = Topic()
+    run(Partition(recs, committed=0), clean, rules)
+    want = final_open(clean)
+    assert want and any(a.status == "retracted" for a in clean.records)
+    for crashed_at in (len(recs) // 2, len(recs)):
+        first = Topic()  # the crashed owner published everything up to crashed_at ...
+        run(Partition(recs[:crashed_at], committed=0), first, rules)
+        for committed in range(0, crashed_at + 1, 3):  # ... but committed only up to `committed`
+            topic = Topic()
+            topic.records = list(first.records)
+            run(Partition(recs, committed=committed), topic, rules)
+            twice = [k for k, n in Counter((a.alert_id, a.status) for a in topic.records).items() if n > 1]
+            assert not twice, f"crash at {crashed_at}, committed {committed}: published twice {twice}"
+            assert final_open(topic) == want, (
+                f"crash at {crashed_at}, committed {committed}: open {sorted(final_open(topic))} "
+                f"!= clean {sorted(want)}")
