@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from monitor.errors import ConfigError
 
@@ -56,27 +57,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class TlsTerminator:
-    """Accepts TLS on 127.0.0.1:`listen_port` and forwards the plaintext bytes to 127.0.0.1:`upstream_port`.
+class LoopbackRelay:
+    """Listens on 127.0.0.1:`listen_port` and relays each connection to 127.0.0.1:`upstream_port`; subclasses decide
+    what happens before the bytes flow (`_serve`). One thread accepts, two per connection copy; `stop()` closes
+    every socket it opened."""
 
-    One thread accepts, two threads per connection copy bytes; `stop()` closes every socket it opened."""
+    name = "loopback-relay"
 
-    def __init__(self, *, listen_port: int, upstream_port: int, cert: Path, key: Path) -> None:
+    def __init__(self, *, listen_port: int, upstream_port: int) -> None:
         self.listen_port, self.upstream_port = listen_port, upstream_port
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.context.load_cert_chain(certfile=str(cert), keyfile=str(key))
         self.server = socket.socket()
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.server.bind(("127.0.0.1", listen_port))
         self.server.listen(32)
-        self.handshake_failures = 0
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="tls-terminator", daemon=True)
+        self._thread = threading.Thread(target=self._accept, name=self.name, daemon=True)
 
-    def start(self) -> "TlsTerminator":
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -92,24 +91,21 @@ class TlsTerminator:
                 return
             threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
 
-    def _serve(self, raw: socket.socket) -> None:
-        self._track(raw)
-        raw.settimeout(10)
-        try:
-            client = self.context.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError):
-            self.handshake_failures += 1  # an untrusting or plaintext client: the handshake fails, as it should
-            raw.close()
-            return
-        client.settimeout(None)
-        self._track(client)
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _upstream(self, client: socket.socket) -> socket.socket | None:
+        """A tracked connection to the upstream port, or None (and the client closed) if it does not answer."""
         try:
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
         except OSError:
             client.close()
-            return
+            return None
         upstream.settimeout(None)
         self._track(upstream)
+        return upstream
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
         threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
         self._pump(client, upstream)
 
@@ -136,6 +132,34 @@ class TlsTerminator:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         self._thread.join(timeout=5)
+
+
+class TlsTerminator(LoopbackRelay):
+    """Accepts TLS on 127.0.0.1:`listen_port` and forwards the plaintext bytes to 127.0.0.1:`upstream_port`."""
+
+    name = "tls-terminator"
+
+    def __init__(self, *, listen_port: int, upstream_port: int, cert: Path, key: Path) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+        self.handshake_failures = 0
+        super().__init__(listen_port=listen_port, upstream_port=upstream_port)
+
+    def _serve(self, raw: socket.socket) -> None:
+        self._track(raw)
+        raw.settimeout(10)
+        try:
+            client = self.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.handshake_failures += 1  # an untrusting or plaintext client: the handshake fails, as it should
+            raw.close()
+            return
+        client.settimeout(None)
+        self._track(client)
+        upstream = self._upstream(client)
+        if upstream is not None:
+            self._relay(client, upstream)
 
 
 def _read_frame(sock: socket.socket) -> bytes | None:
@@ -175,47 +199,22 @@ SASL_AUTHENTICATION_FAILED = 58
 UNSUPPORTED_SASL_MECHANISM = 33
 
 
-class SaslPlainGateway:
+class SaslPlainGateway(LoopbackRelay):
     """Checks SASL/PLAIN credentials on 127.0.0.1:`listen_port`, then forwards to 127.0.0.1:`upstream_port`."""
 
+    name = "sasl-plain-gateway"
+
     def __init__(self, *, listen_port: int, upstream_port: int, users: dict[str, str]) -> None:
-        self.listen_port, self.upstream_port, self.users = listen_port, upstream_port, dict(users)
-        self.server = socket.socket()
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind(("127.0.0.1", listen_port))
-        self.server.listen(32)
+        self.users = dict(users)
         self.failures = 0
         self.successes = 0
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="sasl-plain-gateway", daemon=True)
-
-    def start(self) -> "SaslPlainGateway":
-        self._thread.start()
-        return self
-
-    def _track(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.add(sock)
-
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        super().__init__(listen_port=listen_port, upstream_port=upstream_port)
 
     def _serve(self, client: socket.socket) -> None:
         self._track(client)
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-        except OSError:
-            client.close()
+        upstream = self._upstream(client)
+        if upstream is None:
             return
-        upstream.settimeout(None)
-        self._track(upstream)
         try:
             authenticated = self._authenticate(client, upstream)
         except (OSError, IndexError, ValueError):
@@ -230,8 +229,7 @@ class SaslPlainGateway:
             for sock in (client, upstream):
                 sock.close()
             return
-        threading.Thread(target=TlsTerminator._pump, args=(upstream, client), daemon=True).start()
-        TlsTerminator._pump(client, upstream)
+        self._relay(client, upstream)
 
     def _authenticate(self, client: socket.socket, upstream: socket.socket) -> bool:
         mechanism_ok = False
@@ -290,17 +288,6 @@ class SaslPlainGateway:
                 return ok
             else:  # anything else before authentication: refused, as by a broker that requires SASL
                 return False
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.server.close()
-        with self._lock:
-            sockets, self._sockets = list(self._sockets), set()
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._thread.join(timeout=5)
 
 
 class LocalBroker:

@@ -13,6 +13,8 @@ import socket
 import struct
 import threading
 
+from monitor.broker import _uvarint  # Kafka's unsigned varint, as the SASL gateway reads it
+
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
@@ -22,17 +24,6 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("closed")
         data += chunk
     return data
-
-
-def _uvarint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
 
 
 def _strip_apiversions_tags(body: bytes) -> bytes:
