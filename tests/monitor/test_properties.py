@@ -8,6 +8,7 @@ import json
 import shutil
 
 import yaml
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,9 +83,11 @@ def test_anc_conversion_knows_a_unit_or_says_none(value, unit):
     assert converted is None or nm.unit_key(unit) in {nm.unit_key(k) for k in factors}
 
 
-_, EVENTS = load_scenario(SHARED / "scenarios" / "06_overdose_above_8mgkg.jsonl")
+SCENARIO_06 = SHARED / "scenarios" / "06_overdose_above_8mgkg.jsonl"
+EVENTS = load_scenario(SCENARIO_06)[1] if SCENARIO_06.is_file() else [{}]
 
 
+@pytest.mark.skipif(not SCENARIO_06.is_file(), reason="published scenarios not found (../shared)")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(index=st.integers(0, len(EVENTS) - 1), field=st.sampled_from(["occurred_at", "value", "type", "subject_id",
                                                                    "dose_mg_per_kg", "temperature_c", "arm"]),
