@@ -12,16 +12,22 @@ It applies every workaround of ENGINE_NOTES:
   its matches come back the same);
 - the Host's timer and dispatch threads are never started: the monitor owns time;
 - ruleset names carry the rules version and an instance tag, so versions can live side by side;
-- every engine call and every action is wrapped: "not handled" means no match, anything else is an EngineError.
+- every engine call and every action is wrapped: "not handled" means no match, anything else is an EngineError;
+- facts and rule definitions reach the C parser as JSON written here (`engine_json`), not by `json.dumps`: the
+  parser fails on an exponent with no fraction (`1e-05`, `1e+16`: error 204) and on `Infinity` (202), and silently
+  never matches `NaN`. Every float is written exactly, with a fraction (`1.0e-05`); a non-finite number is an
+  EngineError naming the field, never posted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
+import durable_rules_engine as _native
 from durable import engine as _dr
 
 from monitor.errors import EngineError
@@ -41,6 +47,41 @@ def sid_hash(sid: str) -> int:
             byte |= 0xFFFFFF00
         h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
     return h
+
+
+_INT_LIMIT = 2**63  # larger integers are written as floats (the C parser keeps 64-bit integers)
+
+
+def engine_number(value: float | int, *, where: str = "value") -> str:
+    """A number as the engine's parser reads it, with the same value: finite, and an exponent always after a
+    fraction (Python's `1e-05` becomes `1.0e-05`). Raises EngineError for NaN and infinities."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if -_INT_LIMIT < value < _INT_LIMIT:
+            return str(value)
+        value = float(value)
+    if not math.isfinite(value):
+        raise EngineError(f"{where} is {value!r}: the rules engine can only compare finite numbers")
+    text = repr(value)
+    mantissa, sep, exponent = text.partition("e")
+    if sep and "." not in mantissa:
+        return f"{mantissa}.0e{exponent}"
+    return text
+
+
+def engine_json(value: Any, *, where: str = "value") -> str:
+    """JSON for the engine's parser: like `json.dumps`, except every number goes through `engine_number`."""
+    if value is None or isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (bool, int, float)):
+        return engine_number(value, where=where)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{engine_json(v, where=f'{where}.{k}')}"
+                              for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(engine_json(v, where=f"{where}[{i}]") for i, v in enumerate(value)) + "]"
+    raise EngineError(f"{where}: a {type(value).__name__} can not be posted to the rules engine")
 
 
 def _constant_only(expr: Any) -> bool:
@@ -66,6 +107,29 @@ def check_definition(definition: dict[str, Any]) -> None:
             raise EngineError(f"rule {name}: compiled rules may only compare one message with constants")
 
 
+class _Ruleset(_dr.Ruleset):
+    """durable_rules' Ruleset, with its definition and facts written by `engine_json` (durable_rules 2.0.28 writes
+    them with `json.dumps`, whose `1e-05` its own parser refuses)."""
+
+    def __init__(self, name: str, host: Any, ruleset_definition: dict[str, Any]) -> None:  # noqa: D107
+        self._actions = {}
+        self._name = name
+        self._host = host
+        for rule_name, rule in ruleset_definition.items():
+            action = rule.pop("run")
+            self._actions[rule_name] = _dr.Promise(host.get_action(action))
+        self._handle = _native.create_ruleset(name, engine_json(ruleset_definition, where=f"ruleset {name}"))
+        self._definition = ruleset_definition
+
+    def assert_fact(self, fact: dict[str, Any]) -> Any:
+        text = engine_json(fact, where=f"fact {fact.get('id')}")
+        return self._handle_result(_native.assert_fact(self._handle, text), fact)
+
+    def retract_fact(self, fact: dict[str, Any]) -> Any:
+        text = engine_json(fact, where=f"fact {fact.get('id')}")
+        return self._handle_result(_native.retract_fact(self._handle, text), fact)
+
+
 class _Host(_dr.Host):
     """A Host without its background threads; actions resolve to one recording callback."""
 
@@ -75,6 +139,15 @@ class _Host(_dr.Host):
 
     def _run(self) -> None:  # no timer or dispatch threads (ENGINE_NOTES: timers run on the wall clock)
         return
+
+    def register_rulesets(self, ruleset_definitions: dict[str, Any]) -> None:
+        """Plain rulesets only (no statecharts or flowcharts), built as `_Ruleset`."""
+        for name, definition in ruleset_definitions.items():
+            if name in self._ruleset_directory:
+                raise EngineError(f"ruleset {name} is already registered")
+            ruleset = _Ruleset(name, self, definition)
+            self._ruleset_directory[name] = ruleset
+            self._ruleset_list.append(ruleset)
 
     def get_action(self, action_name: str) -> Callable[[Any], None]:
         def run(c: Any) -> None:
@@ -204,6 +277,8 @@ class RulesEngine:
             return False
         except _dr.MessageObservedException:
             return True
+        except EngineError:
+            raise
         except Exception as exc:
             raise EngineError(f"engine call {fn.__name__} failed on {message.get('id')}: {exc}") from exc
 

@@ -344,3 +344,58 @@ def test_many_subjects_through_a_small_pool_keep_their_own_matches():
 def test_pool_size_must_be_positive(size):
     with pytest.raises(EngineError):
         make(max_sessions=size)
+
+
+# ---- (e) numbers the engine can read (ENGINE_NOTES: 1e-05 and 1e+16 are error 204, Infinity 202, NaN never matches) --
+
+
+def _magnitudes() -> list[float]:
+    """Every single-digit exponent form Python writes (1e-05 ... 9e+15), neighbours with a fraction, and the
+    plain decimals in between, from 1e-9 to 1e15; negatives of some of them."""
+    values: list[float] = []
+    for exponent in range(-9, 16):
+        for digit in range(1, 10):
+            values.append(float(f"{digit}e{exponent}"))
+        values.append(float(f"1.5e{exponent}"))
+        values.append(float(f"1e{exponent}") * (1 + 1e-12))
+    values += [1e16, 1e17, 5e-300, 1e308, 0.0, -1e-05, -3e+16, 2**70]
+    return values
+
+
+def test_engine_number_writes_every_float_exactly_with_a_fraction():
+    from monitor.engine import engine_number
+
+    for value in _magnitudes():
+        text = engine_number(value)
+        assert float(text) == value
+        mantissa, _, _ = text.partition("e")
+        assert "." in mantissa or text.lstrip("-").isdigit(), text
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_number_is_refused_naming_the_fact_and_field(bad):
+    engine = make()
+    with pytest.raises(EngineError, match=r"fact lab:1.*value.*finite"):
+        engine.sync("S1", {"lab:1": lab(bad)})
+    assert engine.matches("S1") == set()
+
+
+def test_numbers_across_magnitudes_compare_as_python_does():
+    """Each value is posted as a fact, each threshold is a rule constant (thresholds go through the same writer at
+    registration); every match must equal the Python comparison of the same condition."""
+    values = _magnitudes()
+    thresholds = sorted({1e-9, 1e-05, 5e-07, 1.5e-05, 0.5, 30.0, 1e+15, 1e+16, 1e-300} |
+                        {float(f"{d}e{e}") for d in (1, 9) for e in range(-9, 16, 3)})
+    definition: dict[str, Any] = {}
+    for i, t in enumerate(thresholds):
+        for op in ("$gt", "$lt", "$gte"):
+            definition[f"r{i}{op}"] = {"all": [{"m": {"$and": [{"fact": "baseline_lab"}, {op: {"value": t}}]}}],
+                                       "run": f"r{i}{op}"}
+    engine = make(definition)
+    facts = {f"lab:{i}": lab(v) for i, v in enumerate(values)}
+    engine.sync("S1", facts)
+    got = engine.matches("S1")
+    python = {"$gt": lambda v, t: v > t, "$lt": lambda v, t: v < t, "$gte": lambda v, t: v >= t}
+    expected = {(f"r{i}{op}", f"lab:{j}") for i, t in enumerate(thresholds) for op, cmp in python.items()
+                for j, v in enumerate(values) if cmp(v, t)}
+    assert got == expected
