@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from monitor.errors import EvaluationError
 from monitor.facts import Fact
 from monitor.rules import Rule, SafeFormat
 
@@ -79,7 +80,8 @@ class AlertBook:
         Later first matches of this subject continue the occurrence numbers found on the topic."""
         self._published = published
         self._adopted.add(subject_id)
-        book = self._open.setdefault(subject_id, {})
+        book = dict(self._open.get(subject_id, {}))  # committed below, once every alert is built
+        occurrences: dict[tuple[str, str, str], int] = {}
         unclaimed = {a.alert_id: a for a in open_alerts if a.subject_id == subject_id and a.status == "raised"}
         for rule_id, fact_id in sorted(matches):
             rule, fact = rules.get(rule_id), facts.get(fact_id)
@@ -89,14 +91,19 @@ class AlertBook:
             n = self._next_occurrence(key)
             if n == 0:
                 continue
-            self._occurrences[key] = n
+            occurrences[key] = n
             latest = alert_id(rule_id, subject_id, fact_id, n - 1)
             found: Alert | None = unclaimed.pop(latest, None)
-            book[(rule_id, fact_id)] = found or make_alert(
-                rule=rule, fact=fact, subject_id=subject_id, site_id=site_id, alert_id=latest,
-                detected_at=detected_at, version=version)
+            try:
+                book[(rule_id, fact_id)] = found or make_alert(
+                    rule=rule, fact=fact, subject_id=subject_id, site_id=site_id, alert_id=latest,
+                    detected_at=detected_at, version=version)
+            except Exception as exc:
+                raise EvaluationError(f"alert for rule {rule_id} on {fact.name}", exc) from exc
         for aid, alert in unclaimed.items():
             book.setdefault((alert.rule, f"published:{aid}"), alert)
+        self._open[subject_id] = book
+        self._occurrences.update(occurrences)
 
     def _next_occurrence(self, key: tuple[str, str, str]) -> int:
         n = self._occurrences.get(key, 0)
@@ -107,12 +114,17 @@ class AlertBook:
 
     def reconcile(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
                   rules: dict[str, Rule], detected_at: str, version: str) -> list[Alert]:
-        book = self._open.setdefault(subject_id, {})
+        """Withdraw the open alerts no match claims and raise one per new match. All-or-nothing: every alert is
+        built before the book changes, so an alert that cannot be built (EvaluationError naming its rule) leaves
+        the book as it was."""
+        book = self._open.get(subject_id, {})
         out: list[Alert] = []
-        for identity in sorted(set(book) - matches):
-            old = book.pop(identity)
+        gone = sorted(set(book) - matches)
+        for identity in gone:
+            old = book[identity]
             out.append(old.model_copy(update={"status": "retracted", "retracts": old.alert_id,
                                               "detected_at": detected_at, "rule_version": version}))
+        raised: list[tuple[tuple[str, str], tuple[str, str, str], int, Alert]] = []
         for identity in sorted(matches - set(book)):
             rule_id, fact_id = identity
             rule, fact = rules.get(rule_id), facts.get(fact_id)
@@ -120,10 +132,18 @@ class AlertBook:
                 continue
             key = (rule_id, subject_id, fact_id)
             occurrence = self._next_occurrence(key)
+            try:
+                alert = make_alert(rule=rule, fact=fact, subject_id=subject_id, site_id=site_id,
+                                   alert_id=alert_id(rule_id, subject_id, fact_id, occurrence),
+                                   detected_at=detected_at, version=version)
+            except Exception as exc:
+                raise EvaluationError(f"alert for rule {rule_id} on {fact.name}", exc) from exc
+            raised.append((identity, key, occurrence, alert))
+        book = self._open.setdefault(subject_id, {})
+        for identity in gone:
+            del book[identity]
+        for identity, key, occurrence, alert in raised:
             self._occurrences[key] = occurrence + 1
-            alert = make_alert(rule=rule, fact=fact, subject_id=subject_id, site_id=site_id,
-                               alert_id=alert_id(rule_id, subject_id, fact_id, occurrence), detected_at=detected_at,
-                               version=version)
             book[identity] = alert
             out.append(alert)
         return out

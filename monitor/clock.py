@@ -68,6 +68,10 @@ class DeadlineScheduler:
     def pending(self) -> dict[str, dt.datetime]:
         return dict(self._due)
 
+    def due_of(self, subject_id: str) -> dt.datetime | None:
+        """The subject's pending deadline (None if it has none), e.g. to put it back when a batch is undone."""
+        return self._due.get(subject_id)
+
     def next_due(self) -> dt.datetime | None:
         while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
             heapq.heappop(self._heap)

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from zoneinfo import ZoneInfo
 
 from monitor import normalise as nm
+from monitor.errors import EvaluationError
 from monitor.events import ConcomitantMedication, DrugAdministration, Enrollment, LabResult, VitalSign
 from monitor.facts import Fact
 from monitor.rules import Parameters, Tables
@@ -322,7 +323,10 @@ class Deriver:
                 _pending.append(at)
                 return False
 
-            produced = list(getattr(self, name)(v, deadline))
+            try:
+                produced = list(getattr(self, name)(v, deadline))
+            except Exception as exc:  # named, so the operator knows which derivation to look at
+                raise EvaluationError(f"derivation {name}", exc) from exc
             first = min(pending) if pending else None
             if memo is not None:
                 memo[name] = (produced, first)

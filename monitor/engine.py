@@ -212,6 +212,13 @@ class RulesEngine:
         if subject_id in self._sids:
             self._free.append(self._evict(subject_id))
 
+    def discard(self, subject_id: str) -> None:
+        """Forget a subject whose session could not be emptied (an engine call failed while retracting): the
+        session is never handed to another subject; the subject gets a fresh one at its next `sync`."""
+        self._sids.pop(subject_id, None)
+        self._asserted.pop(subject_id, None)
+        self._matches.pop(subject_id, None)
+
     def _evict(self, subject_id: str) -> tuple[str, str]:
         name, sid = self._sids.pop(subject_id)
         self._asserted.pop(subject_id, None)

@@ -30,6 +30,18 @@ class EngineError(MonitorError):
     """The rules engine failed on a fact or an action; the subject's evaluation is incomplete."""
 
 
+class EvaluationError(MonitorError):
+    """Evaluating one subject failed: a derivation, the rules engine, or building an alert raised. `stage` names
+    which (e.g. `derivation _lab_signals`, `rules engine`, `alert for rule DOSE-MAX-EXCEEDED`). The monitor undoes
+    that subject's batch, sends its records to the dead letters as `evaluation_error`, and goes on with the others:
+    fix the rule, parameter or derivation named, then replay the dead letters."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage} raised {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+
 class ConfigError(MonitorError):
     """The configuration is unusable; the message names the setting."""
 

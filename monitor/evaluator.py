@@ -2,11 +2,17 @@
 
 `Monitor` is the same in replay and live service. Its dependencies (rules, engine, clock) are passed in. It is
 driven from one thread (ENGINE_NOTES: the engine never releases the GIL and is not thread-safe).
+
+No record can stop it. A batch is applied to each subject after a checkpoint and kept only if the subject's
+evaluation succeeds; if anything raises while evaluating one subject (a derivation, the engine, building an alert),
+that subject's part of the batch is undone, its state is exactly as before, and the failure is handed to the caller
+(`take_failures`) so its records go to the dead letters as `evaluation_error`. Every other subject goes on.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
@@ -17,10 +23,10 @@ from monitor.alerts import Alert, AlertBook
 from monitor.clock import Clock, DeadlineScheduler
 from monitor.derive import Deriver
 from monitor.engine import RulesEngine
-from monitor.errors import EventRejected
+from monitor.errors import EngineError, EvaluationError, EventRejected
 from monitor.events import Event, canonical
 from monitor.rules import RuleSet
-from monitor.state import Applied, SubjectState
+from monitor.state import Applied, Checkpoint, SubjectState
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,19 @@ class Stats:
     evaluations: int = 0
 
 
+@dataclass(frozen=True)
+class EvaluationFailure:
+    """One subject whose evaluation raised. `items` are the batch items that were undone (empty when the failure
+    came from a deadline alone); `errors` has, for each item, the EventRejected (`evaluation_error`) to dead-letter
+    it with. Items are the tuples given to `ingest`; callers put the raw record last to find its original bytes."""
+
+    subject_id: str
+    stage: str
+    items: list[tuple[Any, ...]]
+    errors: list[EventRejected]
+
+
+_NEW_SUBJECT = None  # checkpoint of a subject that did not exist before the batch: undoing it removes the subject
 MAX_EVENTS_PER_SUBJECT = 10_000
 """Default bound on the event versions held for one subject (a real subject has a few hundred over the trial)."""
 
@@ -53,6 +72,7 @@ class Monitor:
         self.stats = Stats()
         self._horizon: dt.datetime | None = None
         self._facts_read = rules.facts_read()
+        self._failures: list[EvaluationFailure] = []
 
     @classmethod
     def create(cls, *, rules: RuleSet, clock: Clock, max_events_per_subject: int = MAX_EVENTS_PER_SUBJECT,
@@ -79,17 +99,35 @@ class Monitor:
 
     # ---- input ------------------------------------------------------------------------------------------------
     def ingest(self, batch: list[tuple[Any, ...]]) -> list[Alert]:
-        """Apply one batch (events sharing a `recorded_at`) atomically, then evaluate what it touched and any
-        subject whose deadline is due. Each item is (validated event, decoded payload[, origin])."""
+        """Apply one batch (events sharing a `recorded_at`) atomically per subject, then evaluate what it touched
+        and any subject whose deadline is due. Each item is (validated event, decoded payload[, origin[, ...]]).
+        A subject whose evaluation fails gets its part of the batch undone; see `take_failures`."""
         touched: set[str] = set()
+        undo: dict[str, tuple[Checkpoint | None, dt.datetime | None, list[tuple[Any, ...]], list[Applied]]] = {}
         for item in batch:
-            if self.load(item):
-                touched.add(item[0].subject_id)
-        return self._evaluate(touched | set(self.deadlines.pop_due(self.clock.now())))
+            subject_id = item[0].subject_id
+            if subject_id not in undo:
+                state = self.subjects.get(subject_id)
+                undo[subject_id] = (state.checkpoint() if state is not None else _NEW_SUBJECT,
+                                    self.deadlines.due_of(subject_id), [], [])
+            undo[subject_id][2].append(item)
+            try:
+                outcome = self._apply(item)
+            except Exception as exc:  # defensive: applying a validated event should never raise
+                self._fail(subject_id, EvaluationError("applying the event", exc), undo.pop(subject_id))
+                touched.discard(subject_id)
+                continue
+            undo[subject_id][3].append(outcome)
+            if outcome in (Applied.NEW, Applied.AMENDED):
+                touched.add(subject_id)
+        return self._evaluate(touched | set(self.deadlines.pop_due(self.clock.now())), undo)
 
     def load(self, item: tuple[Any, ...]) -> bool:
         """Apply one (event, payload[, origin]) to its subject's history without evaluating anything; True if it
         changed the history. A rebuild loads a partition's history this way, then calls `evaluate_rebuilt`."""
+        return self._apply(item) in (Applied.NEW, Applied.AMENDED)
+
+    def _apply(self, item: tuple[Any, ...]) -> Applied:
         event, payload = item[0], item[1]
         origin = item[2] if len(item) > 2 else None
         state = self.subjects.get(event.subject_id)
@@ -102,8 +140,47 @@ class Monitor:
             state.changed.add(self.deriver.kind_of(event))
             if previous is not None:
                 state.changed.add(self.deriver.kind_of(previous.event))
-            return True
-        return False
+        return outcome
+
+    def take_failures(self) -> list[EvaluationFailure]:
+        """The evaluation failures since the last call (each already undone and logged), for the dead letters."""
+        out, self._failures = self._failures, []
+        return out
+
+    def _fail(self, subject_id: str, error: EvaluationError,
+              undo: tuple[Checkpoint | None, dt.datetime | None, list[tuple[Any, ...]], list[Applied]] | None,
+              ) -> None:
+        """Undo the subject's part of the batch, free its engine session, record and log the failure once.
+        The log line names the stage and exception class, never the subject (no PHI in logs)."""
+        items: list[tuple[Any, ...]] = []
+        state = self.subjects.get(subject_id)
+        if undo is not None:
+            checkpoint, due, items, outcomes = undo
+            if checkpoint is None:
+                self.subjects.pop(subject_id, None)
+            elif state is not None:
+                state.restore(checkpoint)
+            for outcome in outcomes:
+                self.stats.events[outcome.value] -= 1
+            self.deadlines.set(subject_id, due)
+        else:  # a deadline alone: evaluate it again only when the subject's next event comes
+            if state is not None:
+                state.memo = {}
+            self.deadlines.set(subject_id, None)
+        try:
+            self.engine.release(subject_id)  # its facts are asserted again at its next evaluation
+        except Exception:
+            self.engine.discard(subject_id)
+        self.stats.events["evaluation_error"] += len(items)
+        cause = error.cause
+        detail = (f"{error.stage} raised {type(cause).__name__}: {str(cause)[:200]}".replace(subject_id, "<subject>")
+                  + "; the subject's batch was undone. Fix the rule, parameter or derivation named, then replay "
+                  "this record")
+        log.error("evaluation failed in %s (%s); %d record(s) undone and sent to the dead letters as "
+                  "evaluation_error; other subjects go on", error.stage, type(cause).__name__, len(items))
+        self._failures.append(EvaluationFailure(
+            subject_id=subject_id, stage=error.stage, items=items,
+            errors=[EventRejected("evaluation_error", detail, event_id=item[0].event_id) for item in items]))
 
     def evaluate_rebuilt(self, subjects: Iterable[str], *, published: Collection[tuple[str, str]],
                          open_alerts: dict[str, list[Alert]]) -> list[Alert]:
@@ -112,8 +189,63 @@ class Monitor:
         condition went is withdrawn and occurrence numbers continue where they were."""
         out: list[Alert] = []
         for subject_id in sorted(s for s in subjects if s in self.subjects):
-            out.extend(self.evaluate_subject(subject_id, adopt=(published, open_alerts.get(subject_id, []))))
+            adopt = (published, open_alerts.get(subject_id, []))
+            try:
+                out.extend(self.evaluate_subject(subject_id, adopt=adopt))
+            except Exception as exc:
+                out.extend(self._rebuild_stepwise(subject_id, exc, adopt))
         return out
+
+    def _rebuild_stepwise(self, subject_id: str, exc: Exception,
+                          adopt: tuple[Collection[tuple[str, str]], list[Alert]]) -> list[Alert]:
+        """A rebuilt subject whose end state cannot be evaluated: its history held a batch that failed before
+        (undone and dead-lettered then, but loaded again from the topic). Apply its history again batch by batch,
+        leaving out each batch whose evaluation fails, then evaluate the end state once. No crash loop."""
+        error = exc if isinstance(exc, EvaluationError) else EvaluationError("evaluation", exc)
+        log.warning("a rebuilt subject could not be evaluated (%s, %s): applying its history batch by batch",
+                    error.stage, type(error.cause).__name__)
+        old = self.subjects.pop(subject_id)
+        self._release(subject_id)
+        stored = sorted(old.events.values(), key=lambda st: (st.event.recorded_at, st.seq))
+        groups: list[list[Any]] = []
+        for st in stored:
+            if groups and groups[-1][0].event.recorded_at == st.event.recorded_at:
+                groups[-1].append(st)
+            else:
+                groups.append([st])
+        left_out = 0
+        for group in groups:
+            state = self.subjects.get(subject_id)
+            checkpoint = state.checkpoint() if state is not None else _NEW_SUBJECT
+            for st in group:
+                self._apply((st.event, json.loads(st.canonical), st.origin))
+                self.subjects[subject_id].events[st.event.event_id].first_recorded_at = st.first_recorded_at
+            try:
+                self._derive_and_sync(subject_id)
+            except Exception:
+                left_out += len(group)
+                if checkpoint is None:
+                    self.subjects.pop(subject_id, None)
+                else:
+                    self.subjects[subject_id].restore(checkpoint)
+                self._release(subject_id)
+        if left_out:
+            log.error("a rebuilt subject: %d record(s) left out of its history (they failed evaluation before)",
+                      left_out)
+        if subject_id not in self.subjects:
+            return []
+        try:
+            return self.evaluate_subject(subject_id, adopt=adopt)
+        except Exception as final:
+            self._fail(subject_id, final if isinstance(final, EvaluationError)
+                       else EvaluationError("evaluation", final), None)
+            return []
+
+    def _release(self, subject_id: str) -> None:
+        try:
+            self.engine.release(subject_id)
+        except Exception:
+            self.engine.discard(subject_id)
 
     def tick(self) -> list[Alert]:
         """Evaluate the subjects whose deadlines are due at the clock's current time."""
@@ -152,20 +284,40 @@ class Monitor:
             return self._horizon
         return cut
 
-    def _evaluate(self, subjects: set[str]) -> list[Alert]:
+    def _evaluate(self, subjects: set[str],
+                  undo: dict[str, tuple[Checkpoint | None, dt.datetime | None, list[tuple[Any, ...]],
+                                        list[Applied]]] | None = None) -> list[Alert]:
         out: list[Alert] = []
         for subject_id in sorted(subjects):
-            out.extend(self.evaluate_subject(subject_id))
+            if subject_id not in self.subjects:
+                continue
+            try:
+                out.extend(self.evaluate_subject(subject_id))
+            except Exception as exc:  # defence in depth: one subject never stops the others
+                error = exc if isinstance(exc, EvaluationError) else EvaluationError("evaluation", exc)
+                self._fail(subject_id, error, (undo or {}).get(subject_id))
         return out
 
-    def evaluate_subject(self, subject_id: str,
-                         adopt: tuple[Collection[tuple[str, str]], list[Alert]] | None = None) -> list[Alert]:
+    def _derive_and_sync(self, subject_id: str) -> tuple[Any, dict[str, Any]]:
+        """Derive the subject's facts and make the engine hold them; (derived, facts by id)."""
         state = self.subjects[subject_id]
         view = self.deriver.view(state)
         derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed)
         state.changed = set()
         facts = {f.fact_id: f for f in derived.facts}
-        self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items() if f.name in self._facts_read})
+        try:
+            self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items()
+                                          if f.name in self._facts_read})
+        except EngineError as exc:
+            raise EvaluationError("rules engine", exc) from exc
+        return derived, facts
+
+    def evaluate_subject(self, subject_id: str,
+                         adopt: tuple[Collection[tuple[str, str]], list[Alert]] | None = None) -> list[Alert]:
+        """Evaluate one subject: derive, run the rules, reconcile its alerts. Raises (EvaluationError naming the
+        stage) before the alert book changes; callers undo the subject's batch."""
+        state = self.subjects[subject_id]
+        derived, facts = self._derive_and_sync(subject_id)
         matches = self.engine.matches(subject_id)
         if adopt is not None:
             self.book.adopt(subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from connectors.base import AlertSink, RejectSink, Source
+from connectors.base import AlertSink, RawRecord, RejectSink, Source
 from monitor.clock import ReplayClock
 from monitor.errors import EventRejected
 from monitor.evaluator import Monitor
@@ -46,7 +46,7 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
     its `recorded_at` and due deadlines fire on the state as it was, as a live monitor would have seen it."""
     summary = ReplaySummary()
     started = time.perf_counter()
-    batch: list[tuple[Event, dict]] = []
+    batch: list[tuple[Event, dict, None, RawRecord]] = []  # (event, payload, origin, the record it came from)
 
     def emit(items: list) -> None:
         for a in items:
@@ -55,6 +55,10 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
                 summary.raised += 1
             else:
                 summary.retracted += 1
+        for failure in monitor.take_failures():  # undone by the monitor: their records are rejected like bad input
+            for item, error in zip(failure.items, failure.errors):
+                summary.rejected[error.reason] += 1
+                rejects.add(item[3], error)
 
     def flush() -> None:
         if not batch:
@@ -76,7 +80,7 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
             continue
         if batch and event.recorded_at != batch[0][0].recorded_at:
             flush()
-        batch.append((event, payload))
+        batch.append((event, payload, None, record))
     flush()
     emit(monitor.finish(until))
     alerts.flush()

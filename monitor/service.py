@@ -197,6 +197,7 @@ class MonitorService:
         def flush_batch() -> None:
             if batch:
                 produced.extend((a, batch_ts[0]) for a in self.monitor.ingest(list(batch)))
+                self._dead_letter_failures()
                 batch.clear()
 
         for rec in records:
@@ -232,7 +233,8 @@ class MonitorService:
             if not batch:
                 self._advance(rec, event.recorded_at)
                 produced.extend((a, None) for a in self.monitor.tick())
-            batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}))
+            batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
+                          rec))
             batch_ts[0] = rec.timestamp_ms
         flush_batch()
         for tp in [t for t in self.state.bulk_until if offsets.get(t, 0) >= self.state.bulk_until[t]]:
@@ -240,9 +242,24 @@ class MonitorService:
         if self.settings.clock == "wall":
             self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
         produced.extend((a, None) for a in self.monitor.tick())
+        self._dead_letter_failures()
         self._outbox = _Outbox(alerts=produced, offsets=offsets)
         self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
+
+    def _dead_letter_failures(self) -> None:
+        """Records of a subject whose evaluation failed were undone by the monitor (logged there): they go to the
+        dead letters with reason `evaluation_error`, like any record that cannot be used. A failure from a
+        deadline or a rebuild has no record of this poll and was only logged."""
+        for failure in self.monitor.take_failures():
+            for item, error in zip(failure.items, failure.errors):
+                rec = item[3] if len(item) > 3 else None
+                if rec is None:
+                    continue
+                self.stats["rejected"] += 1
+                if self.metrics is not None:
+                    self.metrics.events_rejected.labels(error.reason).inc()
+                self.dead_letters.add(rec, error)
 
     def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
         if self.settings.clock == "stream" or rec.timestamp_ms is None or rec.timestamp_ms < 0:
@@ -427,6 +444,10 @@ class MonitorService:
             batch.append((st.event, json.loads(st.canonical), st.origin))
         if batch:
             new.ingest(batch)
+        undone = sum(len(f.items) for f in new.take_failures())
+        if undone:  # already on the events topic and committed: logged, left out of the new version's state
+            log.error("rules version %s could not evaluate %d stored record(s); they are left out of its state "
+                      "(see the evaluation errors above)", rules.version, undone)
         for subject_id, state in old.subjects.items():  # partition bookkeeping and site ids carry over
             if subject_id in new.subjects:
                 new.subjects[subject_id].site_id = state.site_id

@@ -47,6 +47,19 @@ class Stored:
     origin: dict[str, Any] | None = None  # where it came from when streamed: topic, partition, offset
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What `SubjectState.restore` needs to undo a batch: the event versions and scalars as they were.
+    Stored versions are never changed in place and `_by_type` is copy-on-write, so references suffice."""
+
+    events: dict[str, Stored]
+    site_id: str
+    arm: str | None
+    seq: int
+    by_type: dict[str, list[Any]] | None
+    changed: frozenset[str]
+
+
 @dataclass
 class SubjectState:
     """Everything the monitor holds about one subject: its current event versions, keyed by event_id."""
@@ -86,6 +99,22 @@ class SubjectState:
         elif self.arm is None and event.arm:
             self.arm = event.arm
         return Applied.AMENDED if held is not None else Applied.NEW
+
+    def checkpoint(self) -> Checkpoint:
+        """The state before a batch, so a batch whose evaluation fails can be undone exactly."""
+        return Checkpoint(dict(self.events), self.site_id, self.arm, self._seq, self._by_type,
+                          frozenset(self.changed))
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Undo everything applied since `checkpoint`. The derivation memo is a cache that may hold results of the
+        undone batch, so it is emptied: the next evaluation recomputes from the events."""
+        self.events = dict(checkpoint.events)
+        self.site_id = checkpoint.site_id
+        self.arm = checkpoint.arm
+        self._seq = checkpoint.seq
+        self._by_type = checkpoint.by_type
+        self.changed = set(checkpoint.changed)
+        self.memo = {}
 
     def origins(self, event_ids: list[str]) -> dict[str, Any]:
         return {eid: self.events[eid].origin for eid in event_ids if eid in self.events and self.events[eid].origin}
