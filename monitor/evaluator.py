@@ -134,12 +134,17 @@ class Monitor:
         if state is None:
             state = self.subjects[event.subject_id] = SubjectState(event.subject_id, event.site_id)
         previous = state.events.get(event.event_id)
+        anchors = (state.arm, state.site_id)
         outcome = state.apply(event, canonical(payload), origin)
         self.stats.events[outcome.value] += 1
         if outcome in (Applied.NEW, Applied.AMENDED):
             state.changed.add(self.deriver.kind_of(event))
             if previous is not None:
                 state.changed.add(self.deriver.kind_of(previous.event))
+            if (state.arm, state.site_id) != anchors:
+                # every derivation reads the arm, and the site selects the time zone: any event can carry them,
+                # so a change invalidates the whole memo, whatever the event's kind
+                state.memo = {}
         return outcome
 
     def take_failures(self) -> list[EvaluationFailure]:
