@@ -99,13 +99,13 @@ class Plausibility:
         elif isinstance(e, LabResult):
             yield from self._lab(e)
         elif isinstance(e, (DrugAdministration, ConcomitantMedication)):
+            if isinstance(e, DrugAdministration):  # the weight first: every mg/kg of the record depends on it
+                yield self._within("weight_kg", e.weight_kg, t.weight_kg)
             yield self._within("dose_mg", e.dose_mg, t.dose_mg)
             yield self._within("dose_mg_per_kg", e.dose_mg_per_kg, t.dose_mg_per_kg)
             yield self._within("dose_g", e.dose_g, t.dose_g)
             yield self._within("dose_g_per_kg", e.dose_g_per_kg, t.dose_g_per_kg)
-            if isinstance(e, DrugAdministration):
-                yield self._within("weight_kg", e.weight_kg, t.weight_kg)
-            else:
+            if isinstance(e, ConcomitantMedication):
                 yield self._within("dose_mg_per_kg_per_day", e.dose_mg_per_kg_per_day, t.dose_mg_per_kg_per_day)
                 yield self._within("dose_iu", e.dose_iu, t.dose_iu)
         elif isinstance(e, AdverseEvent):
