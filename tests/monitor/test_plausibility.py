@@ -12,21 +12,28 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from kafka import TopicPartition
+from prometheus_client import CollectorRegistry
 
+from connectors.base import RawRecord
 from connectors.memory import ListSink, MemorySource
 from monitor.clock import ReplayClock
+from monitor.config import Settings
 from monitor.errors import EventRejected, RuleFileError
 from monitor.evaluator import Monitor
 from monitor.events import decode, parse_event
+from monitor.metrics import Metrics
 from monitor.replay import replay
 from monitor.rules import DEFAULT_RULES_DIR, PlausibleRange, RuleSet, load_rules
 from monitor.ruletest import RuleTest, build_events, load_suite
+from monitor.service import MonitorService
 
 SUBJECT = "KD-PLAUS-7731"
 TABLE = "tables/plausibility.yaml"
@@ -433,3 +440,47 @@ def test_editing_a_range_changes_the_verdict(rules_dir, base):
     _, rejects = run(events, horizon, load_rules(rules_dir))
     assert [(e.event_id, e.reason) for _, e in rejects] == [(f"{SUBJECT}-weight_late", "implausible")]
     assert "[0.3, 13.3] kg" in rejects[0][1].detail
+
+
+# ---- the service: a refused record is a dead letter with its bytes, counted by reason ---------------------------
+
+class _Source:
+    def __init__(self, records: list) -> None:
+        self.batches = [records]
+        self.commits: list = []
+
+    def poll(self, timeout_ms: int) -> list:
+        return self.batches.pop(0) if self.batches else []
+
+    def commit(self, offsets: dict) -> None:
+        self.commits.append(dict(offsets))
+
+    def assignment(self) -> set:
+        return {TopicPartition("events", 0)}
+
+    def lag(self) -> dict:
+        return {}
+
+
+def test_the_service_dead_letters_an_implausible_record_with_its_bytes_and_counts_it(rules, base, caplog):
+    add = [{"name": "absurd", "type": "drug_administration", "at": "T0+1d", "drug": "anakinra", "atc": "L04AC03",
+            "study_drug": True, "weight_kg": 1e308, "dose_mg_per_kg": -1}]
+    events, _ = timeline(base, add=add, until="T0+3d")
+    raw = [json.dumps(e, default=str).encode() for e in events]
+    records = [RawRecord(value=v, origin=f"events/0@{i}", topic="events", partition=0, offset=i, timestamp_ms=None)
+               for i, v in enumerate(raw)]
+    clock = ReplayClock()
+    alerts, dead = ListSink(), ListSink()
+    metrics = Metrics(registry=CollectorRegistry())
+    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=alerts,
+                         dead_letters=dead, monitor=Monitor.create(rules=rules, clock=clock), published=set(),
+                         metrics=metrics)
+    svc.attach(_Source(records))
+    with caplog.at_level("WARNING"):
+        svc.run_once(threading.Event())
+    [(record, error)] = dead.items
+    assert record.value == raw[next(i for i, e in enumerate(events) if e["event_id"].endswith("-absurd"))]
+    assert error.reason == "implausible" and "weight_kg = 1e+308" in error.detail
+    assert metrics.registry.get_sample_value("protocol_monitor_events_rejected_total", {"reason": "implausible"}) == 1
+    assert SUBJECT not in caplog.text and SUBJECT not in error.detail
+    assert len(svc.monitor.subjects[SUBJECT].events) == len(events) - 1
