@@ -891,8 +891,9 @@ class Deriver:
             for e, value in values:
                 if e.occurred_at <= v.t0:
                     continue
-                uln = (e.reference_range or {}).get("high") or sp.default_uln_u_per_l.get(analyte)
-                ratio_uln = value / float(uln) if uln else None
+                ref_high = e.reference_range.high if e.reference_range is not None else None  # validated, in range
+                uln = ref_high or sp.default_uln_u_per_l.get(analyte)
+                ratio_uln = value / uln if uln else None
                 ratio_base = value / base if base else None
                 specimens.setdefault(e.occurred_at, []).append((analyte, e, value, ratio_uln, ratio_base))
         in_episode = False

@@ -25,6 +25,7 @@ from monitor.derive import Deriver
 from monitor.engine import RulesEngine
 from monitor.errors import EngineError, EvaluationError, EventRejected
 from monitor.events import Event, canonical
+from monitor.plausibility import Plausibility
 from monitor.rules import RuleSet
 from monitor.state import Applied, Checkpoint, SubjectState
 
@@ -65,6 +66,7 @@ class Monitor:
         self.engine = engine
         self.clock = clock
         self.deriver = Deriver(params=rules.parameters, tables=rules.tables)
+        self.plausibility = Plausibility.from_rules(rules)  # the ranges of the rules in force (tables/plausibility.yaml)
         self.grace = dt.timedelta(hours=rules.parameters.deadline_grace_hours)
         self.subjects: dict[str, SubjectState] = {}
         self.book = AlertBook()
@@ -84,6 +86,7 @@ class Monitor:
         """Refuse (EventRejected `subject_limit`) a new event that would take its subject past the bound on held
         events; `pending` are the batch items not yet ingested. Amendments and retries of held events always pass:
         they do not grow the state. A refused event goes to the dead letters like any other rejected one."""
+        self.plausibility.check(event)  # `implausible`: a number no child could have (monitor/plausibility.py)
         state = self.subjects.get(event.subject_id)
         held = state.events if state is not None else {}
         if event.event_id in held:

@@ -91,13 +91,25 @@ class VitalSign(_Base):
     site: str | None = None
 
 
+class ReferenceRange(BaseModel):
+    """A lab's reference range. `low`/`high` are validated numbers like any other: a numeric string ("45") is read
+    as 45 (laboratory systems export them as text), anything else ("n/a", "<5", NaN) refuses the record as
+    `bad_number`, so nothing downstream ever converts raw text."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    low: Number | None = None
+    high: Number | None = None
+    unit: str | None = None
+
+
 class LabResult(_Base):
     type: Literal["lab_result"]
     analyte: Text
     loinc: str | None = None
     value: Number
     unit: str | None = None
-    reference_range: dict[str, Any] | None = None
+    reference_range: ReferenceRange | None = None
     method: str | None = None
 
 

@@ -32,6 +32,11 @@ def convert(value: float, unit: str | None, factors: dict[str, float]) -> float 
     return None
 
 
+CELSIUS_UNITS = ("Cel", "C", "degC", "°C")
+FAHRENHEIT_UNITS = ("[degF]", "degF", "F", "°F")
+"""Temperature units as `unit_key` folds them; any other unit is DQ-UNIT-UNRECOGNIZED (spec §2.7)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Temperature:
     """A temperature reading after unit conversion and site correction.
@@ -66,9 +71,9 @@ def temperature(
         celsius = float(temperature_c)
     elif value is not None:
         key = unit_key(unit)
-        if key in ("Cel", "C", "degC", "°C"):
+        if key in CELSIUS_UNITS:
             celsius = float(value)
-        elif key in ("[degF]", "degF", "F", "°F"):
+        elif key in FAHRENHEIT_UNITS:
             celsius = (float(value) - 32.0) * 5.0 / 9.0
         else:
             return Temperature(None, None, site_name, "unit_unrecognized")

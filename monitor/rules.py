@@ -11,10 +11,10 @@ import difflib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from monitor.errors import RuleFileError
 from monitor.facts import FACTS
@@ -314,10 +314,66 @@ class LiveVaccineTable(_Strict):
     names: list[str] = Field(default_factory=list)
 
 
+Bound = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""A bound of a plausibility range: a finite number written as a number (a quoted "45" or `.inf` is refused)."""
+
+
+def _ordered(bounds: tuple[float, float]) -> tuple[float, float]:
+    if bounds[0] > bounds[1]:
+        raise ValueError(f"the low end {bounds[0]:g} is above the high end {bounds[1]:g}; write [low, high]")
+    return bounds
+
+
+Interval = Annotated[tuple[Bound, Bound], AfterValidator(_ordered)]
+
+
+class PlausibleRange(_Strict):
+    """The values of one quantity that can be real for a child 0-18 years, or that a data-quality rule handles."""
+
+    range: Interval
+    unit: str = ""
+    why: str = Field(min_length=1)
+
+
+class LabRange(PlausibleRange):
+    """A lab analyte, in the unit its conversion table in parameters.yaml converts to (factor 1).
+    `reference_high` bounds the upper end of a reference range where the monitor divides by it (ALT, AST)."""
+
+    reference_high: Interval | None = None
+
+
+class PlausibilityTable(_Strict):
+    """rules/tables/plausibility.yaml: a record with a value outside its range is refused (`implausible`)."""
+
+    weight_kg: PlausibleRange
+    height_cm: PlausibleRange
+    gestational_age_weeks: PlausibleRange
+    temperature_cel: PlausibleRange
+    temperature_degf: PlausibleRange
+    dose_mg: PlausibleRange
+    dose_mg_per_kg: PlausibleRange
+    dose_g: PlausibleRange
+    dose_g_per_kg: PlausibleRange
+    dose_mg_per_kg_per_day: PlausibleRange
+    dose_iu: PlausibleRange
+    coronary_z: PlausibleRange
+    activity_score: PlausibleRange
+    ae_grade: PlausibleRange
+    visit_nominal_day: PlausibleRange
+    kd_crp_mg_dl: PlausibleRange
+    kd_esr_mm_h: PlausibleRange
+    kd_fever_days: PlausibleRange
+    labs: dict[str, LabRange]
+    other_lab_value: PlausibleRange
+    other_vital_value: PlausibleRange
+    unrecognized_unit: PlausibleRange
+
+
 class Tables(_Strict):
     cyp450: CypTable
     immunosuppressants: ImmunosuppressantTable
     live_vaccines: LiveVaccineTable
+    plausibility: PlausibilityTable
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -516,6 +572,9 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
     cyp = load("tables/cyp450.yaml", CypTable)
     immuno = load("tables/immunosuppressants.yaml", ImmunosuppressantTable)
     live = load("tables/live_vaccines.yaml", LiveVaccineTable)
+    plausibility = load(PLAUSIBILITY_FILE, PlausibilityTable)
+    if parameters is not None and plausibility is not None:
+        problems.extend(_plausibility_problems(root / PLAUSIBILITY_FILE, texts, parameters, plausibility))
 
     rules: dict[str, Rule] = {}
     rule_files = [p for p in files if p.parent == root and p.name != "parameters.yaml"]
@@ -573,10 +632,37 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
         directory=root,
         version=digest.hexdigest()[:12],
         parameters=parameters,
-        tables=Tables(cyp450=cyp, immunosuppressants=immuno, live_vaccines=live),
+        tables=Tables(cyp450=cyp, immunosuppressants=immuno, live_vaccines=live, plausibility=plausibility),
         rules=rules,
         files=tuple(str(p.relative_to(root)) for p in files),
     )
+
+
+PLAUSIBILITY_FILE = "tables/plausibility.yaml"
+
+
+def _plausibility_problems(path: Path, texts: dict[Path, str], params: Parameters,
+                           table: PlausibilityTable) -> list[tuple[str, int | None, str]]:
+    """Cross-file checks: every analyte the monitor identifies has a range, in the unit its conversions lead to
+    (otherwise a new analyte would be checked against nothing, or against a range in another unit)."""
+    _, lines = _load_yaml(path, texts[path])
+    targets = {"ANC": params.units.anc_to_10e9_per_l, "creatinine": params.units.creatinine_to_mg_dl,
+               **params.units.lab_conversions}
+    out: list[tuple[str, int | None, str]] = []
+    for analyte in params.lab_analytes:
+        if analyte not in table.labs:
+            out.append((str(path), _line_for(lines, ("labs",)),
+                        f"labs: analyte '{analyte}' (parameters.yaml lab_analytes) has no plausible range"))
+    for analyte, entry in table.labs.items():
+        factors = targets.get(analyte)
+        if factors is None:
+            continue
+        base = sorted(unit for unit, factor in factors.items() if factor == 1)
+        if entry.unit not in base:
+            out.append((str(path), _line_for(lines, ("labs", analyte, "unit")),
+                        f"labs.{analyte}.unit: '{entry.unit}' is not a unit parameters.yaml converts {analyte} to "
+                        f"(factor 1: {', '.join(base) or 'none'})"))
+    return out
 
 
 def _problem_line(lines: dict[tuple[Any, ...], int], i: int, message: str, default: int | None) -> int | None:

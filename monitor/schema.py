@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from monitor.facts import FACTS
-from monitor.rules import CypTable, ImmunosuppressantTable, LiveVaccineTable, Parameters, RuleFile
+from monitor.rules import (CypTable, ImmunosuppressantTable, LiveVaccineTable, Parameters, PlausibilityTable,
+                           RuleFile)
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "rules.schema.json": RuleFile,
@@ -23,6 +24,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "cyp450.schema.json": CypTable,
     "immunosuppressants.schema.json": ImmunosuppressantTable,
     "live_vaccines.schema.json": LiveVaccineTable,
+    "plausibility.schema.json": PlausibilityTable,
 }
 
 

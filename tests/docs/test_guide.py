@@ -56,3 +56,18 @@ def test_every_command_the_guide_names_exists():
         out = subprocess.run([sys.executable, "-m", "monitor", "rules", command, "--help"], capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 0, (command, out.stderr)
+
+
+def test_the_plausibility_example_edits_the_shipped_table(tmp_path):
+    """The guide's worked example names a line of the shipped table, and its edit loads and widens the range."""
+    [example] = blocks("diff table:plausibility")
+    old = next(line[1:] for line in example.splitlines() if line.startswith("-"))
+    new = next(line[1:] for line in example.splitlines() if line.startswith("+"))
+    target = tmp_path / "rules"
+    shutil.copytree(DEFAULT_RULES_DIR, target)
+    table = target / "tables" / "plausibility.yaml"
+    assert old in table.read_text(), "the guide's '-' line is not in rules/tables/plausibility.yaml"
+    table.write_text(table.read_text().replace(old, new))
+    before = load_rules().tables.plausibility.labs["ferritin"].range
+    after = load_rules(target).tables.plausibility.labs["ferritin"].range
+    assert after != before and after[1] > before[1]
