@@ -9,7 +9,6 @@ Every fact has `at` (ISO-8601 event time, the alert's `at` by default). Time fie
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,22 +196,6 @@ class Fact:
             cached = {"fact": self.name}
             for k, v in self.values.items():
                 if v is not None:
-                    cached[k] = engine_number(v) if type(v) is float else v
+                    cached[k] = v
             self.__dict__["_message"] = cached
         return cached
-
-
-def engine_number(value: float) -> float:
-    """A float the engine can read. durable_rules refuses a number whose JSON form has an exponent and no fraction
-    (`3e-05`, `1e+16`: error 204, ENGINE_NOTES) while `3.0000000000000004e-05` is read: such a value is moved by one
-    or two units in the last place, away from zero (nothing a rule compares can tell). Values with no exponent
-    (all but the tiniest and the largest) are returned as they are. Non-finite values never get here (events
-    refuse them and the plausibility ranges bound what is derived from them)."""
-    away = math.copysign(math.inf, value)
-    for _ in range(4):  # a normal number needs one step, the smallest subnormals two
-        text = repr(value)
-        mantissa, exponent, _power = text.partition("e")
-        if not exponent or "." in mantissa or not math.isfinite(value):
-            return value
-        value = math.nextafter(value, away)
-    return value
