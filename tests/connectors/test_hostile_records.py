@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from monitor.broker import LocalBroker, free_port
-from tests.conftest import SHARED, load_scenario
+from tests.conftest import SHARED, final_alerts, load_scenario, run_events
 from tests.connectors.kafkatools import (
     ServiceProcess, alert_records, create_topics, events_as_records, final_pairs, produce, read_topic,
     wait_until_consumed)
@@ -42,7 +42,7 @@ def hostile(events: list[dict[str, Any]]) -> list[tuple[bytes, str]]:
         ({**base, "event_id": "H-4", "type": "vital_sign", "code": "8310-5", "temperature_c": 1e308,
           "site": "tympanic"}, "implausible"),
         ({**base, "event_id": "H-5", "type": "lab_result", "analyte": "ALT", "value": 40, "unit": "U/L",
-          "reference_range": {"low": 0, "high": "n/a"}}, "implausible"),
+          "reference_range": {"low": 0, "high": "n/a"}}, "bad_number"),  # a number that does not parse
     ]
     return [(json.dumps(e).encode(), reason) for e, reason in out]
 
@@ -64,14 +64,17 @@ def _wait_ready(service: ServiceProcess, port: int, timeout_s: float = 60) -> No
     raise AssertionError("the service never became ready")
 
 
-def _check(broker, topics, header, bad, tmp_path) -> None:
+def _check(broker, topics, header, events, bad, tmp_path) -> None:
+    """The alerts topic ends as a clean file replay of the scenario alone (the service runs on the stream's clock,
+    as the replay does), which holds the scenario's expected alerts; the dead letters hold each hostile record."""
     dead = read_topic(broker.bootstrap, topics["dead"], until=lambda m: len(m) >= len(bad), timeout_s=60)
     messages = read_topic(broker.bootstrap, topics["alerts"], timeout_s=20)
     records = alert_records(messages)
     assert Counter((r["alert_id"], r["status"]) for r in records).most_common(1)[0][1] == 1, "a record twice"
-    final = Counter((r["rule"], r["subject_id"]) for r in final_pairs(records))
-    want = Counter((a["rule"], a["subject"]) for a in header["expected_alerts"])
-    assert final == want
+    final = Counter((r["rule"], r["subject_id"], r["at"]) for r in final_pairs(records))
+    clean, _, _ = run_events(events, tmp_path=tmp_path)
+    assert final == Counter((a.rule, a.subject_id, a.at) for a in final_alerts(clean))
+    assert {(a["rule"], a["subject"]) for a in header["expected_alerts"]} <= {(r, s) for r, s, _ in final}
     assert sorted(m.value for m in dead) == sorted(v for v, _ in bad)  # each once, with its original bytes
     by_value = {m.value: dict(m.headers) for m in dead}
     for value, reason in bad:
@@ -96,24 +99,25 @@ def test_absurd_values_never_stop_the_service(broker, tmp_path, restart):
     port = free_port()
     log = tmp_path / "service.log"
     service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=log,
-                             extra=["--metrics-port", str(port)]).start()
+                             extra=["--metrics-port", str(port), "--clock", "stream"]).start()
     try:
         _wait_ready(service, port)
         assert wait_until_consumed(broker.bootstrap, group, topics["events"], timeout_s=60)
         if restart:
             assert service.stop() == 0, log.read_text()[-2000:]
             service = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=log,
-                                     extra=["--metrics-port", str(port)]).start()
+                                     extra=["--metrics-port", str(port), "--clock", "stream"]).start()
             _wait_ready(service, port)
         produce(broker.bootstrap, topics["events"], good[half:])
         assert wait_until_consumed(broker.bootstrap, group, topics["events"], timeout_s=60)
         assert service.proc is not None and service.proc.poll() is None and _ready(port)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        _check(broker, topics, header, bad, tmp_path)
+        _check(broker, topics, header, events, bad, tmp_path)
     finally:
         assert service.stop() == 0, log.read_text()[-2000:]
     text = log.read_text()
     assert "Traceback" not in text
     assert events[0]["subject_id"] not in text  # no subject id in the log
     if not restart:  # a restart's counters start again from zero
-        assert f'protocol_monitor_events_rejected_total{{reason="implausible"}} {float(len(bad))}' in metrics
+        for reason, n in Counter(r for _, r in bad).items():
+            assert f'protocol_monitor_events_rejected_total{{reason="{reason}"}} {float(n)}' in metrics
