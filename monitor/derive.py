@@ -29,10 +29,6 @@ def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
 
-def _r(x: float | None, nd: int = 6) -> float | None:
-    return round(x, nd) if x is not None else None
-
-
 def analyte_lookup(params: Parameters) -> dict[str, str]:
     """Analyte name or LOINC code → analyte (built once per rules version by the Deriver)."""
     found: dict[str, str] = {}
@@ -206,7 +202,7 @@ class SubjectView:
         mgkg = e.dose_mg_per_kg
         if mgkg is None and e.dose_mg is not None and weight:
             mgkg = e.dose_mg / weight
-        return Dose(e.event_id, e.occurred_at, _r(mgkg), weight, {"dose_mg": e.dose_mg, "dose_mg_per_kg": e.dose_mg_per_kg})
+        return Dose(e.event_id, e.occurred_at, mgkg, weight, {"dose_mg": e.dose_mg, "dose_mg_per_kg": e.dose_mg_per_kg})
 
     @cached_property
     def anakinra_doses(self) -> list[Dose]:
@@ -232,7 +228,7 @@ class SubjectView:
         for d in self.anakinra_doses:
             day = self.dosing_day(d.at)
             cur = levels.get(day, 0.0)
-            levels[day] = None if (cur is None or d.mg_per_kg is None) else _r(cur + d.mg_per_kg)
+            levels[day] = None if (cur is None or d.mg_per_kg is None) else cur + d.mg_per_kg
         return levels
 
     def hx(self, hours: float) -> dt.datetime:
@@ -372,7 +368,7 @@ class Deriver:
             yield Fact("temperature_quality", e.event_id,
                        {"at": _iso(e.occurred_at), "problem": t.problem, "value": value, "unit": unit,
                         "site": t.site or "missing"},
-                       {"events": [e.event_id], "celsius": _r(t.celsius, 2)})
+                       {"events": [e.event_id], "celsius": t.celsius})
 
     def _unit_quality(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         u = self.p.units
@@ -424,7 +420,7 @@ class Deriver:
                 latest[analyte] = (e, value)  # events are in occurred_at order: the last one wins
         for analyte, (e, value) in sorted(latest.items()):
             base = {"at": _iso(enr.occurred_at), "specimen_at": _iso(e.occurred_at),
-                    "hours_before_reference": _r(nm.hours_between(e.occurred_at, ref), 3)}
+                    "hours_before_reference": nm.hours_between(e.occurred_at, ref)}
             evidence: dict[str, Any] = {"events": [e.event_id], "raw_value": e.value, "raw_unit": e.unit}
             if analyte == "creatinine":
                 height, hsource = self._height(v, ref)
@@ -434,13 +430,13 @@ class Deriver:
                 if egfr is None:
                     continue
                 age_months = nm.completed_months(enr.birth_date, nm.local_date(enr.occurred_at, v.zone))
-                evidence.update(creatinine_mg_dl=_r(value, 4), height_cm=height, height_source=hsource)
+                evidence.update(creatinine_mg_dl=value, height_cm=height, height_source=hsource)
                 yield Fact("baseline_lab", "eGFR",
-                           {**base, "analyte": "eGFR", "value": _r(egfr, 2), "unit": "mL/min/1.73m2",
+                           {**base, "analyte": "eGFR", "value": egfr, "unit": "mL/min/1.73m2",
                             "egfr_method_validated": age_months >= 12}, evidence)
             else:
                 unit = {"ANC": "10^9/L", "INR": "{INR}", "PT": "%"}[analyte]
-                yield Fact("baseline_lab", analyte, {**base, "analyte": analyte, "value": _r(value, 4), "unit": unit},
+                yield Fact("baseline_lab", analyte, {**base, "analyte": analyte, "value": value, "unit": unit},
                            evidence)
 
     def _height(self, v: SubjectView, ref: dt.datetime) -> tuple[float | None, str]:
@@ -530,8 +526,8 @@ class Deriver:
                     washout = max(self.t.immunosuppressants.washout_half_lives * entry.half_life_hours,
                                   (entry.minimum_washout_days or 0) * 24)
                     last_at = t0 if last is None or last > t0 else last
-                    values["washout_hours"] = _r(washout, 2)
-                    values["washout_remaining_hours"] = _r(washout - nm.hours_between(last_at, t0), 2)
+                    values["washout_hours"] = washout
+                    values["washout_remaining_hours"] = washout - nm.hours_between(last_at, t0)
                     evidence["half_life_hours"] = entry.half_life_hours
             else:
                 values["at"] = _iso(start)
@@ -611,7 +607,7 @@ class Deriver:
             elif e.dose_mg is not None:
                 weight, _ = v.weight_at(start, getattr(e, "weight_kg", None))
                 mgkgday = e.dose_mg * per_day / weight if weight else None
-        out["mg_per_kg_per_day"] = _r(mgkgday, 3)
+        out["mg_per_kg_per_day"] = mgkgday
         if v.t0 is not None:
             out["on_treatment_at"] = _iso(max(start, v.t0))
             ends = last if last is not None else None
@@ -701,7 +697,7 @@ class Deriver:
                 total += grams / weight
             else:
                 return None
-        return _r(total, 4)
+        return total
 
     def _ivig(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         first = self._first_course(v)
@@ -717,7 +713,7 @@ class Deriver:
                 febrile = [r for r in v.readings_in(start, v.t0) if v.febrile(r)]
                 yield Fact("ivig_failure", "first",
                            {"at": _iso(enr.occurred_at), "first_course_g_per_kg": gkg, "febrile_after_e1": bool(febrile),
-                            "hours_e1_to_t0": _r(nm.hours_between(e1, v.t0), 3), "e1_at": _iso(e1)},
+                            "hours_e1_to_t0": nm.hours_between(e1, v.t0), "e1_at": _iso(e1)},
                            {"events": [*(e.event_id for e in first), *(r.event_id for r in febrile[:3]), v.t0_id],
                             "fever_window": [_iso(start), _iso(v.t0)]})
         if v.arm == "ivig" and v.t0_event is not None:
@@ -844,7 +840,7 @@ class Deriver:
             yield Fact("adverse_event", e.event_id,
                        {"at": _iso(e.occurred_at), "term": e.term.lower(), "meddra_pt": (e.meddra_pt or "").lower(),
                         "serious": e.serious, "seriousness": "serious" if e.serious else "non-serious",
-                        "infection_type": (e.infection_type or "").lower(), "report_delay_hours": _r(delay, 2),
+                        "infection_type": (e.infection_type or "").lower(), "report_delay_hours": delay,
                         "report_due_at": _iso(aware + hours * H) if aware is not None else None,
                         "on_treatment": v.t0 is not None and e.occurred_at >= v.t0},
                        {"events": [e.event_id], "first_reported_at": _iso(reported),
@@ -874,7 +870,7 @@ class Deriver:
             if low and not in_episode:
                 grade = "critical" if value < sp.neutropenia_critical_below - nm.TOLERANCE else "major"
                 yield Fact("lab_signal", f"neutropenia:{e.event_id}",
-                           {"at": _iso(e.occurred_at), "signal": "neutropenia", "analyte": "ANC", "value": _r(value, 4),
+                           {"at": _iso(e.occurred_at), "signal": "neutropenia", "analyte": "ANC", "value": value,
                             "grade": grade}, {"events": [e.event_id], "raw_value": e.value, "raw_unit": e.unit})
             in_episode = low
         # hepatitis lab signal: ALT or AST >= 3 x ULN and >= 2 x its pre-T0 baseline; one episode for both
@@ -900,7 +896,7 @@ class Deriver:
                 analyte, e, value, ratio_uln, ratio_base = max(hits, key=lambda x: x[3])  # type: ignore[arg-type,return-value]
                 yield Fact("lab_signal", f"hepatitis:{e.event_id}",
                            {"at": _iso(e.occurred_at), "signal": "hepatitis", "analyte": analyte, "value": value,
-                            "grade": "major", "ratio_uln": _r(ratio_uln, 3), "ratio_baseline": _r(ratio_base, 3)},
+                            "grade": "major", "ratio_uln": ratio_uln, "ratio_baseline": ratio_base},
                            {"events": [x[1].event_id for x in hits]})
             in_episode = bool(hits)
         # MAS lab pattern (2016 criteria) around each post-T0 ferritin, once per episode
@@ -929,7 +925,7 @@ class Deriver:
                            {"at": _iso(latest), "signal": "mas", "analyte": "ferritin", "value": ferritin,
                             "grade": "critical", "criteria_met": float(len(met))},
                            {"events": [e.event_id, *(x.event_id for _, x, _ in met), febrile[0].event_id],
-                            "criteria": {a: _r(val, 2) for a, _, val in met}})
+                            "criteria": {a: val for a, _, val in met}})
             if ferritin <= sp.mas_ferritin_above:
                 in_episode = False
             elif hit:
@@ -957,7 +953,7 @@ class Deriver:
         for i, d in enumerate(doses):
             day = v.dosing_day(d.at)
             before = totals.get(day, 0.0)
-            after = None if (before is None or d.mg_per_kg is None) else _r(before + d.mg_per_kg)
+            after = None if (before is None or d.mg_per_kg is None) else before + d.mg_per_kg
             totals[day] = after
             if after is None or before is None:
                 continue
@@ -966,9 +962,9 @@ class Deriver:
             yield Fact("anakinra_dose", d.event_id,
                        {"at": _iso(d.at), "dosing_day": float(day), "dose_mg_per_kg": d.mg_per_kg,
                         "day_total_before": before, "day_total_after": after, "base_level": base,
-                        "ratio_before": _r(before / base), "ratio_after": _r(after / base), "first_dose": i == 0,
+                        "ratio_before": before / base, "ratio_after": after / base, "first_dose": i == 0,
                         "fever_status": self._fever_status_for_day(v, day, d.at),
-                        "hours_since_t0": _r(nm.hours_between(v.t0, d.at), 3), "weight_kg": d.weight_kg},  # type: ignore[arg-type]
+                        "hours_since_t0": nm.hours_between(v.t0, d.at), "weight_kg": d.weight_kg},  # type: ignore[arg-type]
                        {"events": [d.event_id], "raw_dose": d.raw})
 
     def _ladder(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
@@ -987,7 +983,7 @@ class Deriver:
                 given = [d for d in v.anakinra_doses[1:] if hx + lo * H <= d.at <= hx + hi * H and v.dosing_day(d.at) == 1]
             else:
                 given = [d for d in v.anakinra_doses if v.dosing_day(d.at) == 2 and d.at <= hx + hi * H]
-            amount = None if any(d.mg_per_kg is None for d in given) else _r(sum(d.mg_per_kg for d in given))  # type: ignore[misc]
+            amount = None if any(d.mg_per_kg is None for d in given) else sum(d.mg_per_kg for d in given)  # type: ignore[misc]
             yield Fact("ladder_step", step,
                        {"at": _iso(hx + hi * H), "step": step, "febrile": v.febrile(r), "assessed_c": r.corrected_c,
                         "assessed_at": _iso(r.at), "given_mg_per_kg": amount, "doses_in_window": float(len(given)),
@@ -1077,7 +1073,7 @@ class Deriver:
                 continue
             if last_febrile is not None and seen_afebrile:
                 yield Fact("fever_recurrence", r.event_id,
-                           {"at": _iso(r.at), "afebrile_hours": _r(nm.hours_between(last_febrile.at, r.at), 3),
+                           {"at": _iso(r.at), "afebrile_hours": nm.hours_between(last_febrile.at, r.at),
                             "study_day": float(nm.study_day(v.t0, r.at, v.zone)), "corrected_c": r.corrected_c},
                            {"events": [last_febrile.event_id, r.event_id], "previous_febrile_at": _iso(last_febrile.at)})
             last_febrile, seen_afebrile = r, False
