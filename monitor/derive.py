@@ -933,16 +933,17 @@ class Deriver:
 
     # ---- dosing ---------------------------------------------------------------------------------------------
     def _fever_status_for_day(self, v: SubjectView, day: int, at: dt.datetime) -> str:
+        """The fever that justifies an escalation on `day` (§4.2): febrile_at(H12) on day 1, febrile_at(H24) on
+        day 2 (`unknown` without a reading in the assessment window: no verdict), and from day 3 on a febrile
+        reading in [dose - 24 h, dose], both ends included (A-23.7). From day 3 an empty window is `afebrile`:
+        no reading is no febrile reading (A-23.2); `unknown` belongs to the H12/H24 assessments only."""
         if day == 1 or day == 2:
             r = v.assessment_at(v.hx(12 if day == 1 else 24))
             if r is None:
                 return "unknown"
             return "febrile" if v.febrile(r) else "afebrile"
         recent = v.readings_in(at - self.p.secondary_fever_lookback_hours * H, at)
-        recent = [r for r in recent if r.at < at]
-        if any(v.febrile(r) for r in recent):
-            return "febrile"
-        return "afebrile" if recent else "unknown"
+        return "febrile" if any(v.febrile(r) for r in recent) else "afebrile"
 
     def _anakinra_doses(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         doses = v.anakinra_doses
@@ -958,7 +959,8 @@ class Deriver:
             if after is None or before is None:
                 continue
             previous = [lv for dd, lv in sorted(levels.items()) if dd < day and lv is not None]
-            base = 4.0 if day <= 1 or not previous else max(4.0, previous[-1])
+            start = self.p.ladder_base_mg_per_kg
+            base = start if day <= 1 or not previous else max(start, previous[-1])
             yield Fact("anakinra_dose", d.event_id,
                        {"at": _iso(d.at), "dosing_day": float(day), "dose_mg_per_kg": d.mg_per_kg,
                         "day_total_before": before, "day_total_after": after, "base_level": base,
@@ -1020,22 +1022,31 @@ class Deriver:
                        {"events": [v.t0_id, *[r.event_id for r in late]], "t0": _iso(v.t0)})
 
     def _last_escalation(self, v: SubjectView) -> Dose | None:
-        """A′ (A-6): the last initial-ladder escalation, i.e. the day-1 or day-2 administration that raised its
-        day's total above the base (4 on day 1, max(4, day-1 level) on day 2) × the escalation ratio. Topping an
-        under-dose up to 4 is a correction, not an escalation."""
-        last = None
-        ratio = self.p.escalation_ratio
-        totals = {1: 0.0, 2: 0.0}
-        l1 = v.day_levels.get(1)
-        for d in v.anakinra_doses:
-            day = v.dosing_day(d.at)
-            if day not in totals or d.mg_per_kg is None:
-                continue
-            base = 4.0 if day == 1 else max(4.0, l1 or 0.0)
-            before, totals[day] = totals[day], totals[day] + d.mg_per_kg
-            if totals[day] > base * ratio + nm.TOLERANCE and before <= base * ratio + nm.TOLERANCE:
-                last = d
-        return last
+        """A′ (A-6, A-23.4): the last administration of the initial-ladder escalation, which is
+        * the escalated day-2 dose, when day 2's total exceeds its base (max(4, day-1 level)) × the escalation
+          ratio: its last injection (a split dose counts from its last part);
+        * else the H12 supplement: the anakinra given on dosing day 1 after the first dose inside the H12
+          escalation window [H12 - 1 h, H12 + 3 h], when it takes the day-1 total above 4 × the ratio: its last
+          injection inside that window.
+        The start dose is never an escalation, whatever its size (a start above 4.4 mg/kg is DOSE-START only), and
+        topping an under-dose up to 4 is a correction. With no escalation there is no A′ and LASTESC is not
+        evaluated (§2.5). The "first dose whose total crosses 4.4" is not A′: with a start above 4.4 it would put
+        A′ at T0, and with a split supplement it would take its first injection instead of the last."""
+        doses = v.anakinra_doses
+        if not doses:
+            return None
+        ratio, start = self.p.escalation_ratio, self.p.ladder_base_mg_per_kg
+        l1, l2 = v.day_levels.get(1), v.day_levels.get(2)  # None when a dose of the day has no mg/kg
+        if l1 is not None and l2 is not None and l2 > max(start, l1) * ratio + nm.TOLERANCE:
+            return [d for d in doses if v.dosing_day(d.at) == 2][-1]
+        lo, hi = self.p.escalation_window_hours
+        h12 = v.hx(12)
+        supplement = [d for d in doses[1:] if v.dosing_day(d.at) == 1 and h12 + lo * H <= d.at <= h12 + hi * H]
+        if supplement:
+            upto = [d.mg_per_kg for d in doses if v.dosing_day(d.at) == 1 and d.at <= supplement[-1].at]
+            if None not in upto and sum(upto) > start * ratio + nm.TOLERANCE:  # type: ignore[arg-type]
+                return supplement[-1]
+        return None
 
     def _endpoints(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.t0 is None:

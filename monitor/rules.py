@@ -268,6 +268,7 @@ class Parameters(_Strict):
     rescue_atc_prefixes: list[str]
     rescue_names: list[str]
     escalation_ratio: float
+    ladder_base_mg_per_kg: float
     rescue_for_sae_words: list[str]
     antipyretic_atc_prefixes: list[str]
     antipyretic_names: list[str]
