@@ -275,7 +275,7 @@ class Deriver:
         "_vaccines": frozenset({"immunization"}),
         "_anakinra_doses": frozenset({"temperature", "measure"}),
         "_ladder": frozenset({"temperature", "measure"}),
-        "_treatment_days": frozenset({"adverse_event", "measure"}),
+        "_treatment_days": frozenset({"adverse_event", "concomitant_medication", "measure"}),
         "_assessments": frozenset({"temperature"}),
         "_endpoints": frozenset({"temperature", "measure"}),
         "_fever_recurrence": frozenset({"temperature"}),
@@ -724,21 +724,33 @@ class Deriver:
                         "arm": v.arm}, {"events": [e.event_id for e in course]})
 
     # ---- treatment course -------------------------------------------------------------------------------------
-    def _discontinued_before(self, v: SubjectView, at: dt.datetime) -> bool:
-        """Documented discontinuation: a serious AE, or rescue therapy after T0, before `at`."""
-        first = self._discontinuation(v)
-        return first is not None and first <= at
-
     def _discontinuation(self, v: SubjectView) -> dt.datetime | None:
+        """The first documented discontinuation (A-23.3): a serious AE or a switch to rescue therapy documented
+        after T0. A non-serious AE does not stop treatment, and nothing before T0 (a serious AE the evening
+        before the first dose) discontinues a treatment that has not started. The event model has no withdrawal
+        event, so a withdrawal cannot be recognised yet."""
         if "discontinuation" in v.cache:
             return v.cache["discontinuation"]  # type: ignore[no-any-return]
-        times = [e.occurred_at for e in v.ev.get("adverse_event", []) if e.serious]
-        times += [e.occurred_at for e in v.ev.get("drug_administration", [])
-                  if v.t0 is not None and v.t0 <= e.occurred_at and not self.is_study_drug(v, e) and (
-                      self._matches(e.drug, e.atc, self.p.rescue_atc_prefixes, []) or v.is_ivig(e))]
-        found = min(times) if times else None
+        t0 = v.t0
+        found = None
+        if t0 is not None:
+            times = [e.occurred_at for e in v.ev.get("adverse_event", []) if e.serious and e.occurred_at > t0]
+            times += [e.occurred_at for e in v.ev.get("drug_administration", [])
+                      if e.occurred_at > t0 and not self.is_study_drug(v, e)
+                      and self._is_rescue(v, e, "drug_administration")]
+            times += [(e.start_at or e.occurred_at) for e in v.ev.get("concomitant_medication", [])
+                      if (e.start_at or e.occurred_at) > t0 and self._is_rescue(v, e, "concomitant_medication")]
+            found = min(times) if times else None
         v.cache["discontinuation"] = found
         return found
+
+    def _is_rescue(self, v: SubjectView, e: Any, source: str) -> bool:
+        """Rescue KD therapy (A-21): a listed rescue drug by a systemic route, or IVIG given in the anakinra arm."""
+        p = self.p
+        routes = {r.lower() for r in p.systemic_routes}
+        return (self._matches(e.drug, e.atc, p.rescue_atc_prefixes, p.rescue_names)
+                and (e.route or "").strip().lower() in routes) or (
+            v.arm == "anakinra" and source == "drug_administration" and v.is_ivig(e))
 
     def _treatment_days(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.arm != "anakinra" or v.t0 is None:
@@ -751,23 +763,27 @@ class Deriver:
             if not deadline(end):
                 continue
             given = days.get(day, [])
+            start = v.hx(24 * (day - 1) - self.p.dosing_day_early_hours)
+            stopped = self._discontinuation(v)
             yield Fact("treatment_day", str(day),
                        {"at": _iso(end), "day": float(day), "doses": float(len(given)),
-                        "discontinued": self._discontinued_before(v, end)},
+                        # A-23.3: a discontinuation excuses only the days whose window starts after it
+                        "discontinued": stopped is not None and stopped < start},
                        {"events": [v.t0_id, *[d.event_id for d in given]],
                         "window": [_iso(v.hx(24 * (day - 1) - self.p.dosing_day_early_hours)), _iso(end)]})
-        extra = [d for d in v.anakinra_doses if v.dosing_day(d.at) > self.p.treatment_days]
-        last_day = float(max(days)) if days else 0.0
-        if extra:
-            yield Fact("treatment_duration", "extra_day",
-                       {"at": _iso(extra[0].at), "kind": "extra_day", "last_dose_day": last_day, "discontinued": False},
-                       {"events": [extra[0].event_id]})
+        # A-23.5: each dosing day after the course is its own deviation, `at` its first administration
+        for day in sorted(dd for dd in days if dd > self.p.treatment_days):
+            first = days[day][0]
+            yield Fact("treatment_duration", f"extra_day:{day}",
+                       {"at": _iso(first.at), "kind": "extra_day", "last_dose_day": float(day), "discontinued": False},
+                       {"events": [d.event_id for d in days[day]]})
         end14 = self._restricted_end(v)
         if end14 is not None and deadline(end14):
+            stopped = self._discontinuation(v)
             yield Fact("treatment_duration", "course_end",
                        {"at": _iso(end14), "kind": "course_end",
                         "last_dose_day": float(max((dd for dd in days if dd <= self.p.treatment_days), default=0)),
-                        "discontinued": self._discontinued_before(v, end14)},
+                        "discontinued": stopped is not None and stopped <= end14},
                        {"events": [v.t0_id]})
 
     # ---- schedule ---------------------------------------------------------------------------------------------
