@@ -198,8 +198,10 @@ class SubjectView:
         return None, "none"
 
     def dose_mg_per_kg(self, e: DrugAdministration) -> Dose:
+        """mg/kg with the weight in force at the dose (§2.7, A-23.8). With no weight in force the dose has no
+        mg/kg verdict, even when it is charted in mg/kg (§2.7: no weight, no dosing alerts)."""
         weight, _ = self.weight_at(e.occurred_at, e.weight_kg)
-        mgkg = e.dose_mg_per_kg
+        mgkg = e.dose_mg_per_kg if weight else None
         if mgkg is None and e.dose_mg is not None and weight:
             mgkg = e.dose_mg / weight
         return Dose(e.event_id, e.occurred_at, mgkg, weight, {"dose_mg": e.dose_mg, "dose_mg_per_kg": e.dose_mg_per_kg})
@@ -329,20 +331,20 @@ class Deriver:
 
     # ---- data quality ---------------------------------------------------------------------------------------
     def _baseline_weight(self, v: SubjectView) -> tuple[float | None, str]:
-        """Weight at enrollment from any source: enrollment, an observation, or a dose record up to T0."""
+        """Baseline weight (§4.1 ELIG-WEIGHT, §4.7, A-23.8): the enrollment weight, else the latest weight
+        observation (29463-7) before T0 (before the pre-treatment cut-off of A-10 while T0 is unknown). A dose
+        record's `weight_kg` is that dose's dosing weight, never a baseline weight, and an observation taken at T0
+        is not before it. DQ-WEIGHT-MISSING and ELIG-WEIGHT both read this one value, so they never fire together."""
         enr = v.enrollment
         if enr is None:
             return None, "none"
-        limit = enr.occurred_at + self.p.eligibility_lab_after_enrollment_hours * H
-        weight, source = v.weight_at(limit)
-        if weight is None:
-            for e in v.ev.get("drug_administration", []):
-                if e.weight_kg and e.occurred_at <= (v.t0 or limit):
-                    return e.weight_kg, f"dose record {e.event_id}"
-        return weight, source
-
-    def _weight_known(self, v: SubjectView) -> bool:
-        return v.enrollment is None or self._baseline_weight(v)[0] is not None
+        if enr.weight_kg:
+            return enr.weight_kg, "enrollment"
+        best: tuple[float | None, str] = (None, "none")
+        for t, kg, eid in v.weight_observations:
+            if (t < v.t0) if v.t0 is not None else (v.reference_time is not None and t <= v.reference_time):
+                best = (kg, f"observation {eid}")
+        return best
 
     def _weight(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.enrollment is None:
@@ -636,9 +638,7 @@ class Deriver:
             return
         at = _iso(enr.occurred_at)
         enr_date = nm.local_date(enr.occurred_at, v.zone)
-        weight, wsource = v.weight_at(v.t0 or enr.occurred_at)
-        if enr.weight_kg:
-            weight, wsource = enr.weight_kg, "enrollment"
+        weight, wsource = self._baseline_weight(v)
         kd = self._kd(v)
         consent_ok = enr.consent_signed_at is not None and enr.consent_signed_at <= enr.occurred_at
         yield Fact("enrollment_profile", "enrollment",
@@ -963,8 +963,8 @@ class Deriver:
 
     def _anakinra_doses(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         doses = v.anakinra_doses
-        if not doses or not self._weight_known(v):
-            return  # §2.7: with no weight at all every mg/kg rule is indeterminate (only DQ-WEIGHT-MISSING)
+        if not doses:
+            return  # a dose with no weight in force has no mg/kg and no verdict (§2.7): see dose_mg_per_kg
         totals: dict[int, float | None] = {}
         levels = v.day_levels
         for i, d in enumerate(doses):
