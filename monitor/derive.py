@@ -565,8 +565,10 @@ class Deriver:
             yield Fact("vaccination", e.event_id,
                        {"at": _iso(e.occurred_at), "vaccine": e.vaccine, "atc": e.atc or "", "live": live,
                         "phase": "before_t0" if before else "on_treatment", "arm": v.arm or "",
-                        "within_lookback": bool(before and limit is not None and enr_date is not None
-                                                and limit < vdate <= enr_date),
+                        # dated after enrollment_date - 1 month and given before T0, including
+                        # after the enrollment instant (anakinra must not start within a month of it); from T0
+                        # on, CONMED-LIVE-VACCINE applies instead
+                        "within_lookback": bool(before and limit is not None and limit < vdate),
                         "in_treatment_period": bool(not before and treatment_end is not None
                                                     and e.occurred_at <= treatment_end),
                         "vaccine_date": vdate.isoformat(), "enrollment_at": _iso(enr.occurred_at) if enr else None},
