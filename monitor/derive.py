@@ -442,11 +442,15 @@ class Deriver:
                            evidence)
 
     def _height(self, v: SubjectView, ref: dt.datetime) -> tuple[float | None, str]:
+        """Height for eGFR (§2.7): the enrollment height, else the latest 8302-2 observation before T0 (at or
+        before the A-10 cut-off while T0 is unknown). "Before T0" excludes T0 itself, as for the baseline
+        weight (A-23.8)."""
         if v.enrollment is not None and v.enrollment.height_cm:
             return v.enrollment.height_cm, "enrollment"
         best: tuple[float | None, str] = (None, "none")
         for e in v.ev.get("vital_sign", []):
-            if ((e.code or "") in self.p.height_codes or (e.analyte or "").lower() == "body_height") and e.occurred_at <= ref:
+            before = e.occurred_at < v.t0 if v.t0 is not None else e.occurred_at <= ref
+            if ((e.code or "") in self.p.height_codes or (e.analyte or "").lower() == "body_height") and before:
                 cm = nm.convert(e.value, e.unit, self.p.units.height_to_cm) if e.value is not None else None
                 if cm:
                     best = (cm, f"observation {e.event_id}")

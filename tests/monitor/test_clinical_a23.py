@@ -115,6 +115,23 @@ def test_elig_renal_message_rounds_for_display_only(bases, rules):
     assert alert.evidence["values"]["value"] < 30
 
 
+@pytest.mark.parametrize("at, excluded", [("T0-1m", True), ("T0", False)])
+def test_height_for_egfr_is_observed_before_t0(bases, rules, at, excluded):
+    # §2.7: enrollment height, else the latest 8302-2 observation before T0; without a height no ELIG-RENAL
+    expect = [{"rule": "ELIG-RENAL", "at": "T0-1h"}] if excluded else []
+    check(bases, rules, f"height observed at {at}, 300 umol/L",
+          change={"enrollment": {"height_cm": None}, "height": {"at": at},
+                  "creat_pre": {"value": 300, "unit": "umol/L"}}, expect=expect)
+
+
+@pytest.mark.parametrize("fahrenheit, febrile", [(100.3999993, False), (100.4, True)])
+def test_corrected_temperature_is_not_rounded_before_the_febrile_test(bases, rules, fahrenheit, febrile):
+    # 100.3999993 F = 37.9999996 C: below 38.0 beyond the 1e-9 tolerance (it read 38.0 after rounding to 6 places)
+    expect = [{"rule": "DOSE-H12-MISSED-ESCALATION", "at": "T0+15h"}] if febrile else []
+    check(bases, rules, f"H12 reading {fahrenheit} F",
+          change={"temp_h12": {"temperature_c": None, "value": fahrenheit, "unit": "[degF]"}}, expect=expect)
+
+
 @pytest.mark.parametrize("value, unit, excluded", [
     (1499.99, "/uL", True),       # 1.49999 x10^9/L: was 1.5 after rounding to 4 decimals
     (1500, "/uL", False),         # 1.5 exactly is eligible (scenario 15)
