@@ -764,19 +764,18 @@ class Deriver:
         days: dict[int, list[Dose]] = {}
         for d in v.anakinra_doses:
             days.setdefault(v.dosing_day(d.at), []).append(d)
+        stopped = self._discontinuation(v)
         for day in range(1, self.p.treatment_days + 1):
             end = v.hx(24 * (day - 1) + 24 - self.p.dosing_day_early_hours)
             if not deadline(end):
                 continue
             given = days.get(day, [])
             start = v.hx(24 * (day - 1) - self.p.dosing_day_early_hours)
-            stopped = self._discontinuation(v)
             yield Fact("treatment_day", str(day),
                        {"at": _iso(end), "day": float(day), "doses": float(len(given)),
                         # A-23.3: a discontinuation excuses only the days whose window starts after it
                         "discontinued": stopped is not None and stopped < start},
-                       {"events": [v.t0_id, *[d.event_id for d in given]],
-                        "window": [_iso(v.hx(24 * (day - 1) - self.p.dosing_day_early_hours)), _iso(end)]})
+                       {"events": [v.t0_id, *[d.event_id for d in given]], "window": [_iso(start), _iso(end)]})
         # A-23.5: each dosing day after the course is its own deviation, `at` its first administration
         for day in sorted(dd for dd in days if dd > self.p.treatment_days):
             first = days[day][0]
@@ -785,7 +784,6 @@ class Deriver:
                        {"events": [d.event_id for d in days[day]]})
         end14 = self._restricted_end(v)
         if end14 is not None and deadline(end14):
-            stopped = self._discontinuation(v)
             yield Fact("treatment_duration", "course_end",
                        {"at": _iso(end14), "kind": "course_end",
                         "last_dose_day": float(max((dd for dd in days if dd <= self.p.treatment_days), default=0)),
@@ -1004,7 +1002,7 @@ class Deriver:
             if r is None:
                 continue
             if step == "H12":
-                given = [d for d in v.anakinra_doses[1:] if hx + lo * H <= d.at <= hx + hi * H and v.dosing_day(d.at) == 1]
+                given = self._h12_supplement(v)
             else:
                 given = [d for d in v.anakinra_doses if v.dosing_day(d.at) == 2 and d.at <= hx + hi * H]
             amount = None if any(d.mg_per_kg is None for d in given) else sum(d.mg_per_kg for d in given)  # type: ignore[misc]
@@ -1043,6 +1041,13 @@ class Deriver:
                         "window_end": _iso(end)},
                        {"events": [v.t0_id, *[r.event_id for r in late]], "t0": _iso(v.t0)})
 
+    def _h12_supplement(self, v: SubjectView) -> list[Dose]:
+        """The H12 supplement (A-1, A-18): anakinra after the first dose, on dosing day 1, inside the escalation
+        window [H12 - 1 h, H12 + 3 h]; several injections when it is split."""
+        lo, hi = self.p.escalation_window_hours
+        h12 = v.hx(12)
+        return [d for d in v.anakinra_doses[1:] if h12 + lo * H <= d.at <= h12 + hi * H and v.dosing_day(d.at) == 1]
+
     def _last_escalation(self, v: SubjectView) -> Dose | None:
         """A′ (A-6, A-23.4): the last administration of the initial-ladder escalation, which is
         * the escalated day-2 dose, when day 2's total exceeds its base (max(4, day-1 level)) × the escalation
@@ -1061,9 +1066,7 @@ class Deriver:
         l1, l2 = v.day_levels.get(1), v.day_levels.get(2)  # None when a dose of the day has no mg/kg
         if l1 is not None and l2 is not None and l2 > max(start, l1) * ratio + nm.TOLERANCE:
             return [d for d in doses if v.dosing_day(d.at) == 2][-1]
-        lo, hi = self.p.escalation_window_hours
-        h12 = v.hx(12)
-        supplement = [d for d in doses[1:] if v.dosing_day(d.at) == 1 and h12 + lo * H <= d.at <= h12 + hi * H]
+        supplement = self._h12_supplement(v)
         if supplement:
             upto = [d.mg_per_kg for d in doses if v.dosing_day(d.at) == 1 and d.at <= supplement[-1].at]
             if None not in upto and sum(upto) > start * ratio + nm.TOLERANCE:  # type: ignore[arg-type]
