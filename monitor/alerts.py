@@ -149,6 +149,28 @@ class AlertBook:
         return out
 
 
+MESSAGE_DECIMALS = 4
+"""Numbers in alert messages are shown with at most this many decimals. Rounding is for display only (A-23.1):
+facts carry values as computed, rules compare them as computed, and the alert's evidence keeps them unrounded."""
+
+
+class Shown(float):
+    """A fact value as a message shows it: `{value}` rounds to MESSAGE_DECIMALS and drops trailing zeros
+    (29.99984 → 29.9998, 4.0 → 4); a template may still ask for its own format (`{value:.1f}`)."""
+
+    def __format__(self, spec: str) -> str:
+        if spec:
+            return format(float(self), spec)
+        text = f"{float(self):.{MESSAGE_DECIMALS}f}".rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "") else text
+
+
+def render_message(template: str, values: dict[str, Any]) -> str:
+    """Fill a rule's message template from a fact, rounding numbers for display only."""
+    shown = {k: Shown(v) if isinstance(v, float) else v for k, v in values.items() if v is not None}
+    return template.format_map(SafeFormat(shown))
+
+
 def make_alert(*, rule: Rule, fact: Fact, subject_id: str, site_id: str, alert_id: str, detected_at: str,
                version: str) -> Alert:
     values = fact.values
@@ -166,7 +188,7 @@ def make_alert(*, rule: Rule, fact: Fact, subject_id: str, site_id: str, alert_i
         at=str(values.get(rule.at_field(fact.name))),
         detected_at=detected_at,
         rule_version=version,
-        message=rule.message_for(fact.name).format_map(SafeFormat({k: v for k, v in values.items() if v is not None})),
+        message=render_message(rule.message_for(fact.name), values),
         expects=rule.spec.expects,
         evidence=evidence,
     )

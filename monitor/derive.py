@@ -30,10 +30,6 @@ def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
 
-def _r(x: float | None, nd: int = 6) -> float | None:
-    return round(x, nd) if x is not None else None
-
-
 def analyte_lookup(params: Parameters) -> dict[str, str]:
     """Analyte name or LOINC code → analyte (built once per rules version by the Deriver)."""
     found: dict[str, str] = {}
@@ -203,11 +199,13 @@ class SubjectView:
         return None, "none"
 
     def dose_mg_per_kg(self, e: DrugAdministration) -> Dose:
+        """mg/kg with the weight in force at the dose (§2.7, A-23.8). With no weight in force the dose has no
+        mg/kg verdict, even when it is charted in mg/kg (§2.7: no weight, no dosing alerts)."""
         weight, _ = self.weight_at(e.occurred_at, e.weight_kg)
-        mgkg = e.dose_mg_per_kg
+        mgkg = e.dose_mg_per_kg if weight else None
         if mgkg is None and e.dose_mg is not None and weight:
             mgkg = e.dose_mg / weight
-        return Dose(e.event_id, e.occurred_at, _r(mgkg), weight, {"dose_mg": e.dose_mg, "dose_mg_per_kg": e.dose_mg_per_kg})
+        return Dose(e.event_id, e.occurred_at, mgkg, weight, {"dose_mg": e.dose_mg, "dose_mg_per_kg": e.dose_mg_per_kg})
 
     @cached_property
     def anakinra_doses(self) -> list[Dose]:
@@ -233,7 +231,7 @@ class SubjectView:
         for d in self.anakinra_doses:
             day = self.dosing_day(d.at)
             cur = levels.get(day, 0.0)
-            levels[day] = None if (cur is None or d.mg_per_kg is None) else _r(cur + d.mg_per_kg)
+            levels[day] = None if (cur is None or d.mg_per_kg is None) else cur + d.mg_per_kg
         return levels
 
     def hx(self, hours: float) -> dt.datetime:
@@ -280,7 +278,7 @@ class Deriver:
         "_vaccines": frozenset({"immunization"}),
         "_anakinra_doses": frozenset({"temperature", "measure"}),
         "_ladder": frozenset({"temperature", "measure"}),
-        "_treatment_days": frozenset({"adverse_event", "measure"}),
+        "_treatment_days": frozenset({"adverse_event", "concomitant_medication", "measure"}),
         "_assessments": frozenset({"temperature"}),
         "_endpoints": frozenset({"temperature", "measure"}),
         "_fever_recurrence": frozenset({"temperature"}),
@@ -337,20 +335,20 @@ class Deriver:
 
     # ---- data quality ---------------------------------------------------------------------------------------
     def _baseline_weight(self, v: SubjectView) -> tuple[float | None, str]:
-        """Weight at enrollment from any source: enrollment, an observation, or a dose record up to T0."""
+        """Baseline weight (§4.1 ELIG-WEIGHT, §4.7, A-23.8): the enrollment weight, else the latest weight
+        observation (29463-7) before T0 (before the pre-treatment cut-off of A-10 while T0 is unknown). A dose
+        record's `weight_kg` is that dose's dosing weight, never a baseline weight, and an observation taken at T0
+        is not before it. DQ-WEIGHT-MISSING and ELIG-WEIGHT both read this one value, so they never fire together."""
         enr = v.enrollment
         if enr is None:
             return None, "none"
-        limit = enr.occurred_at + self.p.eligibility_lab_after_enrollment_hours * H
-        weight, source = v.weight_at(limit)
-        if weight is None:
-            for e in v.ev.get("drug_administration", []):
-                if e.weight_kg and e.occurred_at <= (v.t0 or limit):
-                    return e.weight_kg, f"dose record {e.event_id}"
-        return weight, source
-
-    def _weight_known(self, v: SubjectView) -> bool:
-        return v.enrollment is None or self._baseline_weight(v)[0] is not None
+        if enr.weight_kg:
+            return enr.weight_kg, "enrollment"
+        best: tuple[float | None, str] = (None, "none")
+        for t, kg, eid in v.weight_observations:
+            if (t < v.t0) if v.t0 is not None else (v.reference_time is not None and t <= v.reference_time):
+                best = (kg, f"observation {eid}")
+        return best
 
     def _weight(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.enrollment is None:
@@ -376,7 +374,7 @@ class Deriver:
             yield Fact("temperature_quality", e.event_id,
                        {"at": _iso(e.occurred_at), "problem": t.problem, "value": value, "unit": unit,
                         "site": t.site or "missing"},
-                       {"events": [e.event_id], "celsius": _r(t.celsius, 2)})
+                       {"events": [e.event_id], "celsius": t.celsius})
 
     def _unit_quality(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         u = self.p.units
@@ -428,7 +426,7 @@ class Deriver:
                 latest[analyte] = (e, value)  # events are in occurred_at order: the last one wins
         for analyte, (e, value) in sorted(latest.items()):
             base = {"at": _iso(enr.occurred_at), "specimen_at": _iso(e.occurred_at),
-                    "hours_before_reference": _r(nm.hours_between(e.occurred_at, ref), 3)}
+                    "hours_before_reference": nm.hours_between(e.occurred_at, ref)}
             evidence: dict[str, Any] = {"events": [e.event_id], "raw_value": e.value, "raw_unit": e.unit}
             if analyte == "creatinine":
                 height, hsource = self._height(v, ref)
@@ -438,21 +436,25 @@ class Deriver:
                 if egfr is None:
                     continue
                 age_months = nm.completed_months(enr.birth_date, nm.local_date(enr.occurred_at, v.zone))
-                evidence.update(creatinine_mg_dl=_r(value, 4), height_cm=height, height_source=hsource)
+                evidence.update(creatinine_mg_dl=value, height_cm=height, height_source=hsource)
                 yield Fact("baseline_lab", "eGFR",
-                           {**base, "analyte": "eGFR", "value": _r(egfr, 2), "unit": "mL/min/1.73m2",
+                           {**base, "analyte": "eGFR", "value": egfr, "unit": "mL/min/1.73m2",
                             "egfr_method_validated": age_months >= 12}, evidence)
             else:
                 unit = {"ANC": "10^9/L", "INR": "{INR}", "PT": "%"}[analyte]
-                yield Fact("baseline_lab", analyte, {**base, "analyte": analyte, "value": _r(value, 4), "unit": unit},
+                yield Fact("baseline_lab", analyte, {**base, "analyte": analyte, "value": value, "unit": unit},
                            evidence)
 
     def _height(self, v: SubjectView, ref: dt.datetime) -> tuple[float | None, str]:
+        """Height for eGFR (§2.7): the enrollment height, else the latest 8302-2 observation before T0 (at or
+        before the A-10 cut-off while T0 is unknown). "Before T0" excludes T0 itself, as for the baseline
+        weight (A-23.8)."""
         if v.enrollment is not None and v.enrollment.height_cm:
             return v.enrollment.height_cm, "enrollment"
         best: tuple[float | None, str] = (None, "none")
         for e in v.ev.get("vital_sign", []):
-            if ((e.code or "") in self.p.height_codes or (e.analyte or "").lower() == "body_height") and e.occurred_at <= ref:
+            before = e.occurred_at < v.t0 if v.t0 is not None else e.occurred_at <= ref
+            if ((e.code or "") in self.p.height_codes or (e.analyte or "").lower() == "body_height") and before:
                 cm = nm.convert(e.value, e.unit, self.p.units.height_to_cm) if e.value is not None else None
                 if cm:
                     best = (cm, f"observation {e.event_id}")
@@ -534,8 +536,8 @@ class Deriver:
                     washout = max(self.t.immunosuppressants.washout_half_lives * entry.half_life_hours,
                                   (entry.minimum_washout_days or 0) * 24)
                     last_at = t0 if last is None or last > t0 else last
-                    values["washout_hours"] = _r(washout, 2)
-                    values["washout_remaining_hours"] = _r(washout - nm.hours_between(last_at, t0), 2)
+                    values["washout_hours"] = washout
+                    values["washout_remaining_hours"] = washout - nm.hours_between(last_at, t0)
                     evidence["half_life_hours"] = entry.half_life_hours
             else:
                 values["at"] = _iso(start)
@@ -571,8 +573,10 @@ class Deriver:
             yield Fact("vaccination", e.event_id,
                        {"at": _iso(e.occurred_at), "vaccine": e.vaccine, "atc": e.atc or "", "live": live,
                         "phase": "before_t0" if before else "on_treatment", "arm": v.arm or "",
-                        "within_lookback": bool(before and limit is not None and enr_date is not None
-                                                and limit < vdate <= enr_date),
+                        # A-16, A-23.9: dated after enrollment_date - 1 month and given before T0, including
+                        # after the enrollment instant (anakinra must not start within a month of it); from T0
+                        # on, CONMED-LIVE-VACCINE applies instead
+                        "within_lookback": bool(before and limit is not None and limit < vdate),
                         "in_treatment_period": bool(not before and treatment_end is not None
                                                     and e.occurred_at <= treatment_end),
                         "vaccine_date": vdate.isoformat(), "enrollment_at": _iso(enr.occurred_at) if enr else None},
@@ -615,7 +619,7 @@ class Deriver:
             elif e.dose_mg is not None:
                 weight, _ = v.weight_at(start, getattr(e, "weight_kg", None))
                 mgkgday = e.dose_mg * per_day / weight if weight else None
-        out["mg_per_kg_per_day"] = _r(mgkgday, 3)
+        out["mg_per_kg_per_day"] = mgkgday
         if v.t0 is not None:
             out["on_treatment_at"] = _iso(max(start, v.t0))
             ends = last if last is not None else None
@@ -644,9 +648,7 @@ class Deriver:
             return
         at = _iso(enr.occurred_at)
         enr_date = nm.local_date(enr.occurred_at, v.zone)
-        weight, wsource = v.weight_at(v.t0 or enr.occurred_at)
-        if enr.weight_kg:
-            weight, wsource = enr.weight_kg, "enrollment"
+        weight, wsource = self._baseline_weight(v)
         kd = self._kd(v)
         consent_ok = enr.consent_signed_at is not None and enr.consent_signed_at <= enr.occurred_at
         yield Fact("enrollment_profile", "enrollment",
@@ -705,7 +707,7 @@ class Deriver:
                 total += grams / weight
             else:
                 return None
-        return _r(total, 4)
+        return total
 
     def _ivig(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         first = self._first_course(v)
@@ -721,7 +723,7 @@ class Deriver:
                 febrile = [r for r in v.readings_in(start, v.t0) if v.febrile(r)]
                 yield Fact("ivig_failure", "first",
                            {"at": _iso(enr.occurred_at), "first_course_g_per_kg": gkg, "febrile_after_e1": bool(febrile),
-                            "hours_e1_to_t0": _r(nm.hours_between(e1, v.t0), 3), "e1_at": _iso(e1)},
+                            "hours_e1_to_t0": nm.hours_between(e1, v.t0), "e1_at": _iso(e1)},
                            {"events": [*(e.event_id for e in first), *(r.event_id for r in febrile[:3]), v.t0_id],
                             "fever_window": [_iso(start), _iso(v.t0)]})
         if v.arm == "ivig" and v.t0_event is not None:
@@ -732,21 +734,33 @@ class Deriver:
                         "arm": v.arm}, {"events": [e.event_id for e in course]})
 
     # ---- treatment course -------------------------------------------------------------------------------------
-    def _discontinued_before(self, v: SubjectView, at: dt.datetime) -> bool:
-        """Documented discontinuation: a serious AE, or rescue therapy after T0, before `at`."""
-        first = self._discontinuation(v)
-        return first is not None and first <= at
-
     def _discontinuation(self, v: SubjectView) -> dt.datetime | None:
+        """The first documented discontinuation (A-23.3): a serious AE or a switch to rescue therapy documented
+        after T0. A non-serious AE does not stop treatment, and nothing before T0 (a serious AE the evening
+        before the first dose) discontinues a treatment that has not started. The event model has no withdrawal
+        event, so a withdrawal cannot be recognised yet."""
         if "discontinuation" in v.cache:
             return v.cache["discontinuation"]  # type: ignore[no-any-return]
-        times = [e.occurred_at for e in v.ev.get("adverse_event", []) if e.serious]
-        times += [e.occurred_at for e in v.ev.get("drug_administration", [])
-                  if v.t0 is not None and v.t0 <= e.occurred_at and not self.is_study_drug(v, e) and (
-                      self._matches(e.drug, e.atc, self.p.rescue_atc_prefixes, []) or v.is_ivig(e))]
-        found = min(times) if times else None
+        t0 = v.t0
+        found = None
+        if t0 is not None:
+            times = [e.occurred_at for e in v.ev.get("adverse_event", []) if e.serious and e.occurred_at > t0]
+            times += [e.occurred_at for e in v.ev.get("drug_administration", [])
+                      if e.occurred_at > t0 and not self.is_study_drug(v, e)
+                      and self._is_rescue(v, e, "drug_administration")]
+            times += [(e.start_at or e.occurred_at) for e in v.ev.get("concomitant_medication", [])
+                      if (e.start_at or e.occurred_at) > t0 and self._is_rescue(v, e, "concomitant_medication")]
+            found = min(times) if times else None
         v.cache["discontinuation"] = found
         return found
+
+    def _is_rescue(self, v: SubjectView, e: Any, source: str) -> bool:
+        """Rescue KD therapy (A-21): a listed rescue drug by a systemic route, or IVIG given in the anakinra arm."""
+        p = self.p
+        routes = {r.lower() for r in p.systemic_routes}
+        return (self._matches(e.drug, e.atc, p.rescue_atc_prefixes, p.rescue_names)
+                and (e.route or "").strip().lower() in routes) or (
+            v.arm == "anakinra" and source == "drug_administration" and v.is_ivig(e))
 
     def _treatment_days(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.arm != "anakinra" or v.t0 is None:
@@ -754,28 +768,30 @@ class Deriver:
         days: dict[int, list[Dose]] = {}
         for d in v.anakinra_doses:
             days.setdefault(v.dosing_day(d.at), []).append(d)
+        stopped = self._discontinuation(v)
         for day in range(1, self.p.treatment_days + 1):
             end = v.hx(24 * (day - 1) + 24 - self.p.dosing_day_early_hours)
             if not deadline(end):
                 continue
             given = days.get(day, [])
+            start = v.hx(24 * (day - 1) - self.p.dosing_day_early_hours)
             yield Fact("treatment_day", str(day),
                        {"at": _iso(end), "day": float(day), "doses": float(len(given)),
-                        "discontinued": self._discontinued_before(v, end)},
-                       {"events": [v.t0_id, *[d.event_id for d in given]],
-                        "window": [_iso(v.hx(24 * (day - 1) - self.p.dosing_day_early_hours)), _iso(end)]})
-        extra = [d for d in v.anakinra_doses if v.dosing_day(d.at) > self.p.treatment_days]
-        last_day = float(max(days)) if days else 0.0
-        if extra:
-            yield Fact("treatment_duration", "extra_day",
-                       {"at": _iso(extra[0].at), "kind": "extra_day", "last_dose_day": last_day, "discontinued": False},
-                       {"events": [extra[0].event_id]})
+                        # A-23.3: a discontinuation excuses only the days whose window starts after it
+                        "discontinued": stopped is not None and stopped < start},
+                       {"events": [v.t0_id, *[d.event_id for d in given]], "window": [_iso(start), _iso(end)]})
+        # A-23.5: each dosing day after the course is its own deviation, `at` its first administration
+        for day in sorted(dd for dd in days if dd > self.p.treatment_days):
+            first = days[day][0]
+            yield Fact("treatment_duration", f"extra_day:{day}",
+                       {"at": _iso(first.at), "kind": "extra_day", "last_dose_day": float(day), "discontinued": False},
+                       {"events": [d.event_id for d in days[day]]})
         end14 = self._restricted_end(v)
         if end14 is not None and deadline(end14):
             yield Fact("treatment_duration", "course_end",
                        {"at": _iso(end14), "kind": "course_end",
                         "last_dose_day": float(max((dd for dd in days if dd <= self.p.treatment_days), default=0)),
-                        "discontinued": self._discontinued_before(v, end14)},
+                        "discontinued": stopped is not None and stopped <= end14},
                        {"events": [v.t0_id]})
 
     # ---- schedule ---------------------------------------------------------------------------------------------
@@ -848,7 +864,7 @@ class Deriver:
             yield Fact("adverse_event", e.event_id,
                        {"at": _iso(e.occurred_at), "term": e.term.lower(), "meddra_pt": (e.meddra_pt or "").lower(),
                         "serious": e.serious, "seriousness": "serious" if e.serious else "non-serious",
-                        "infection_type": (e.infection_type or "").lower(), "report_delay_hours": _r(delay, 2),
+                        "infection_type": (e.infection_type or "").lower(), "report_delay_hours": delay,
                         "report_due_at": _iso(aware + hours * H) if aware is not None else None,
                         "on_treatment": v.t0 is not None and e.occurred_at >= v.t0},
                        {"events": [e.event_id], "first_reported_at": _iso(reported),
@@ -878,7 +894,7 @@ class Deriver:
             if low and not in_episode:
                 grade = "critical" if value < sp.neutropenia_critical_below - nm.TOLERANCE else "major"
                 yield Fact("lab_signal", f"neutropenia:{e.event_id}",
-                           {"at": _iso(e.occurred_at), "signal": "neutropenia", "analyte": "ANC", "value": _r(value, 4),
+                           {"at": _iso(e.occurred_at), "signal": "neutropenia", "analyte": "ANC", "value": value,
                             "grade": grade}, {"events": [e.event_id], "raw_value": e.value, "raw_unit": e.unit})
             in_episode = low
         # hepatitis lab signal: ALT or AST >= 3 x ULN and >= 2 x its pre-T0 baseline; one episode for both
@@ -905,7 +921,7 @@ class Deriver:
                 analyte, e, value, ratio_uln, ratio_base = max(hits, key=lambda x: x[3])  # type: ignore[arg-type,return-value]
                 yield Fact("lab_signal", f"hepatitis:{e.event_id}",
                            {"at": _iso(e.occurred_at), "signal": "hepatitis", "analyte": analyte, "value": value,
-                            "grade": "major", "ratio_uln": _r(ratio_uln, 3), "ratio_baseline": _r(ratio_base, 3)},
+                            "grade": "major", "ratio_uln": ratio_uln, "ratio_baseline": ratio_base},
                            {"events": [x[1].event_id for x in hits]})
             in_episode = bool(hits)
         # MAS lab pattern (2016 criteria) around each post-T0 ferritin, once per episode
@@ -934,7 +950,7 @@ class Deriver:
                            {"at": _iso(latest), "signal": "mas", "analyte": "ferritin", "value": ferritin,
                             "grade": "critical", "criteria_met": float(len(met))},
                            {"events": [e.event_id, *(x.event_id for _, x, _ in met), febrile[0].event_id],
-                            "criteria": {a: _r(val, 2) for a, _, val in met}})
+                            "criteria": {a: val for a, _, val in met}})
             if ferritin <= sp.mas_ferritin_above:
                 in_episode = False
             elif hit:
@@ -942,38 +958,40 @@ class Deriver:
 
     # ---- dosing ---------------------------------------------------------------------------------------------
     def _fever_status_for_day(self, v: SubjectView, day: int, at: dt.datetime) -> str:
+        """The fever that justifies an escalation on `day` (§4.2): febrile_at(H12) on day 1, febrile_at(H24) on
+        day 2 (`unknown` without a reading in the assessment window: no verdict), and from day 3 on a febrile
+        reading in [dose - 24 h, dose], both ends included (A-23.7). From day 3 an empty window is `afebrile`:
+        no reading is no febrile reading (A-23.2); `unknown` belongs to the H12/H24 assessments only."""
         if day == 1 or day == 2:
             r = v.assessment_at(v.hx(12 if day == 1 else 24))
             if r is None:
                 return "unknown"
             return "febrile" if v.febrile(r) else "afebrile"
         recent = v.readings_in(at - self.p.secondary_fever_lookback_hours * H, at)
-        recent = [r for r in recent if r.at < at]
-        if any(v.febrile(r) for r in recent):
-            return "febrile"
-        return "afebrile" if recent else "unknown"
+        return "febrile" if any(v.febrile(r) for r in recent) else "afebrile"
 
     def _anakinra_doses(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         doses = v.anakinra_doses
-        if not doses or not self._weight_known(v):
-            return  # §2.7: with no weight at all every mg/kg rule is indeterminate (only DQ-WEIGHT-MISSING)
+        if not doses:
+            return  # a dose with no weight in force has no mg/kg and no verdict (§2.7): see dose_mg_per_kg
         totals: dict[int, float | None] = {}
         levels = v.day_levels
         for i, d in enumerate(doses):
             day = v.dosing_day(d.at)
             before = totals.get(day, 0.0)
-            after = None if (before is None or d.mg_per_kg is None) else _r(before + d.mg_per_kg)
+            after = None if (before is None or d.mg_per_kg is None) else before + d.mg_per_kg
             totals[day] = after
             if after is None or before is None:
                 continue
             previous = [lv for dd, lv in sorted(levels.items()) if dd < day and lv is not None]
-            base = 4.0 if day <= 1 or not previous else max(4.0, previous[-1])
+            start = self.p.ladder_base_mg_per_kg
+            base = start if day <= 1 or not previous else max(start, previous[-1])
             yield Fact("anakinra_dose", d.event_id,
                        {"at": _iso(d.at), "dosing_day": float(day), "dose_mg_per_kg": d.mg_per_kg,
                         "day_total_before": before, "day_total_after": after, "base_level": base,
-                        "ratio_before": _r(before / base), "ratio_after": _r(after / base), "first_dose": i == 0,
+                        "ratio_before": before / base, "ratio_after": after / base, "first_dose": i == 0,
                         "fever_status": self._fever_status_for_day(v, day, d.at),
-                        "hours_since_t0": _r(nm.hours_between(v.t0, d.at), 3), "weight_kg": d.weight_kg},  # type: ignore[arg-type]
+                        "hours_since_t0": nm.hours_between(v.t0, d.at), "weight_kg": d.weight_kg},  # type: ignore[arg-type]
                        {"events": [d.event_id], "raw_dose": d.raw})
 
     def _ladder(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
@@ -989,10 +1007,10 @@ class Deriver:
             if r is None:
                 continue
             if step == "H12":
-                given = [d for d in v.anakinra_doses[1:] if hx + lo * H <= d.at <= hx + hi * H and v.dosing_day(d.at) == 1]
+                given = self._h12_supplement(v)
             else:
                 given = [d for d in v.anakinra_doses if v.dosing_day(d.at) == 2 and d.at <= hx + hi * H]
-            amount = None if any(d.mg_per_kg is None for d in given) else _r(sum(d.mg_per_kg for d in given))  # type: ignore[misc]
+            amount = None if any(d.mg_per_kg is None for d in given) else sum(d.mg_per_kg for d in given)  # type: ignore[misc]
             yield Fact("ladder_step", step,
                        {"at": _iso(hx + hi * H), "step": step, "febrile": v.febrile(r), "assessed_c": r.corrected_c,
                         "assessed_at": _iso(r.at), "given_mg_per_kg": amount, "doses_in_window": float(len(given)),
@@ -1028,23 +1046,37 @@ class Deriver:
                         "window_end": _iso(end)},
                        {"events": [v.t0_id, *[r.event_id for r in late]], "t0": _iso(v.t0)})
 
+    def _h12_supplement(self, v: SubjectView) -> list[Dose]:
+        """The H12 supplement (A-1, A-18): anakinra after the first dose, on dosing day 1, inside the escalation
+        window [H12 - 1 h, H12 + 3 h]; several injections when it is split."""
+        lo, hi = self.p.escalation_window_hours
+        h12 = v.hx(12)
+        return [d for d in v.anakinra_doses[1:] if h12 + lo * H <= d.at <= h12 + hi * H and v.dosing_day(d.at) == 1]
+
     def _last_escalation(self, v: SubjectView) -> Dose | None:
-        """A′ (A-6): the last initial-ladder escalation, i.e. the day-1 or day-2 administration that raised its
-        day's total above the base (4 on day 1, max(4, day-1 level) on day 2) × the escalation ratio. Topping an
-        under-dose up to 4 is a correction, not an escalation."""
-        last = None
-        ratio = self.p.escalation_ratio
-        totals = {1: 0.0, 2: 0.0}
-        l1 = v.day_levels.get(1)
-        for d in v.anakinra_doses:
-            day = v.dosing_day(d.at)
-            if day not in totals or d.mg_per_kg is None:
-                continue
-            base = 4.0 if day == 1 else max(4.0, l1 or 0.0)
-            before, totals[day] = totals[day], totals[day] + d.mg_per_kg
-            if totals[day] > base * ratio + nm.TOLERANCE and before <= base * ratio + nm.TOLERANCE:
-                last = d
-        return last
+        """A′ (A-6, A-23.4): the last administration of the initial-ladder escalation, which is
+        * the escalated day-2 dose, when day 2's total exceeds its base (max(4, day-1 level)) × the escalation
+          ratio: its last injection (a split dose counts from its last part);
+        * else the H12 supplement: the anakinra given on dosing day 1 after the first dose inside the H12
+          escalation window [H12 - 1 h, H12 + 3 h], when it takes the day-1 total above 4 × the ratio: its last
+          injection inside that window.
+        The start dose is never an escalation, whatever its size (a start above 4.4 mg/kg is DOSE-START only), and
+        topping an under-dose up to 4 is a correction. With no escalation there is no A′ and LASTESC is not
+        evaluated (§2.5). The "first dose whose total crosses 4.4" is not A′: with a start above 4.4 it would put
+        A′ at T0, and with a split supplement it would take its first injection instead of the last."""
+        doses = v.anakinra_doses
+        if not doses:
+            return None
+        ratio, start = self.p.escalation_ratio, self.p.ladder_base_mg_per_kg
+        l1, l2 = v.day_levels.get(1), v.day_levels.get(2)  # None when a dose of the day has no mg/kg
+        if l1 is not None and l2 is not None and l2 > max(start, l1) * ratio + nm.TOLERANCE:
+            return [d for d in doses if v.dosing_day(d.at) == 2][-1]
+        supplement = self._h12_supplement(v)
+        if supplement:
+            upto = [d.mg_per_kg for d in doses if v.dosing_day(d.at) == 1 and d.at <= supplement[-1].at]
+            if None not in upto and sum(upto) > start * ratio + nm.TOLERANCE:  # type: ignore[arg-type]
+                return supplement[-1]
+        return None
 
     def _endpoints(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.t0 is None:
@@ -1082,7 +1114,7 @@ class Deriver:
                 continue
             if last_febrile is not None and seen_afebrile:
                 yield Fact("fever_recurrence", r.event_id,
-                           {"at": _iso(r.at), "afebrile_hours": _r(nm.hours_between(last_febrile.at, r.at), 3),
+                           {"at": _iso(r.at), "afebrile_hours": nm.hours_between(last_febrile.at, r.at),
                             "study_day": float(nm.study_day(v.t0, r.at, v.zone)), "corrected_c": r.corrected_c},
                            {"events": [last_febrile.event_id, r.event_id], "previous_febrile_at": _iso(last_febrile.at)})
             last_febrile, seen_afebrile = r, False

@@ -46,8 +46,9 @@ FACTS: dict[str, FactType] = {
         ),
         _fact(
             "vaccination",
-            "An immunisation with its live status; phase before_t0 (with the 1-month look-back before enrollment) "
-            "or on_treatment (in_treatment_period: T0 to the end of dosing day 14, anakinra arm).",
+            "An immunisation with its live status; phase before_t0 (within_lookback: dated after enrollment date "
+            "- 1 calendar month and given before T0, even after the enrollment instant, A-23.9) or on_treatment "
+            "(in_treatment_period: T0 to the end of dosing day 14, anakinra arm).",
             vaccine=str, atc=str, live=bool, phase=str, within_lookback=bool, in_treatment_period=bool,
             vaccine_date=str, enrollment_at=str, arm=str,
         ),

@@ -84,7 +84,8 @@ def temperature(
         return Temperature(celsius, None, site_name, "unit_suspect")
     if site_name not in site_offsets_c:
         return Temperature(celsius, None, site_name, "nonprotocol_site")
-    return Temperature(celsius, round(celsius + site_offsets_c[site_name], 6), site_name, None)
+    # not rounded: 37.9999996 stays below 38.0; is_febrile's tolerance makes 37.5 + 0.5 febrile
+    return Temperature(celsius, celsius + site_offsets_c[site_name], site_name, None)
 
 
 def is_febrile(corrected_c: float, threshold_c: float) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -267,6 +268,7 @@ class Parameters(_Strict):
     rescue_atc_prefixes: list[str]
     rescue_names: list[str]
     escalation_ratio: float
+    ladder_base_mg_per_kg: float
     rescue_for_sae_words: list[str]
     antipyretic_atc_prefixes: list[str]
     antipyretic_names: list[str]
@@ -430,8 +432,34 @@ def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, An
             elif op == "in":
                 parts.append({"$or": [{name: v} for v in values]})
             else:
-                parts.append({{"ne": "$neq", "lt": "$lt", "lte": "$lte", "gt": "$gt", "gte": "$gte"}[op]: {name: value}})
+                limit = value
+                if kind is float and op in _TOLERANT and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    limit = _tolerant_limit(op, float(value))
+                parts.append({{"ne": "$neq", "lt": "$lt", "lte": "$lte", "gt": "$gt", "gte": "$gte"}[op]: {name: limit}})
     return parts[0] if len(parts) == 1 else {"$and": parts}
+
+
+COMPARISON_TOLERANCE = 1e-9
+"""RULES_SPEC §2.7 and A-23.1: derived values are compared with thresholds as computed, with a 1e-9 tolerance.
+A value within the tolerance of a threshold counts as equal to it (exactly 38.0 is febrile, an eGFR of 30 that
+floating point computes as 29.999999999999996 is not < 30). The derivations never round to get this effect."""
+
+_TOLERANT = {"lt": -1.0, "gte": -1.0, "gt": 1.0, "lte": 1.0}
+
+
+def _tolerant_limit(op: str, value: float) -> float:
+    """The constant the engine compares with: `x < c` holds only below c - tol, `x > c` only above c + tol (and
+    `<=`, `>=` accept up to tol beyond c), so a value within the tolerance of c is treated as equal to c.
+
+    The engine cannot read a number that JSON writes in exponent form without a fraction (ENGINE_NOTES, "Numbers
+    posted to the engine"): 0 ± 1e-9 would be written `1e-09`. Such a limit is moved to the next float away from
+    zero, whose shortest form has a fraction (`1.0000000000000002e-09`); the difference is far below any
+    measurement."""
+    limit = value + _TOLERANT[op] * COMPARISON_TOLERANCE
+    text = repr(limit)
+    if "e" in text and "." not in text.split("e")[0]:
+        limit = math.nextafter(limit, math.copysign(math.inf, limit))
+    return limit
 
 
 _OPS = {"eq": "=", "ne": "≠", "lt": "<", "lte": "≤", "gt": ">", "gte": "≥", "in": "in"}
