@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -450,16 +449,8 @@ _TOLERANT = {"lt": -1.0, "gte": -1.0, "gt": 1.0, "lte": 1.0}
 def _tolerant_limit(op: str, value: float) -> float:
     """The constant the engine compares with: `x < c` holds only below c - tol, `x > c` only above c + tol (and
     `<=`, `>=` accept up to tol beyond c), so a value within the tolerance of c is treated as equal to c.
-
-    The engine cannot read a number that JSON writes in exponent form without a fraction (ENGINE_NOTES, "Numbers
-    posted to the engine"): 0 ± 1e-9 would be written `1e-09`. Such a limit is moved to the next float away from
-    zero, whose shortest form has a fraction (`1.0000000000000002e-09`); the difference is far below any
-    measurement."""
-    limit = value + _TOLERANT[op] * COMPARISON_TOLERANCE
-    text = repr(limit)
-    if "e" in text and "." not in text.split("e")[0]:
-        limit = math.nextafter(limit, math.copysign(math.inf, limit))
-    return limit
+    (A limit such as 0 - 1e-9 reaches the engine exactly: the adapter writes every number in a form it reads.)"""
+    return value + _TOLERANT[op] * COMPARISON_TOLERANCE
 
 
 _OPS = {"eq": "=", "ne": "≠", "lt": "<", "lte": "≤", "gt": ">", "gte": "≥", "in": "in"}
