@@ -191,6 +191,11 @@ def render_chart(view: SubjectView | None, *, alerts: list[dict[str, Any]], rule
                        f'stroke-dasharray="3,3"/><text x="{x(at) + 2:.1f}" y="{temp.top - 16}" font-size="11">'
                        f'{name}</text><title>{name}: {local(at)}</title></g>')
     # temperatures
+    for c in range(int(temp.lo) + 1, int(temp.hi)):
+        out.append(f'<text class="y-label" x="{LEFT - 24}" y="{temp.y(c) + 4:.1f}" font-size="10">{c}</text>')
+    for panel, limit in ((labs_anc, anc_min), (labs_egfr, egfr_min)):
+        out.append(f'<text class="y-label" x="{LEFT - 34}" y="{panel.y(limit) + 4:.1f}" font-size="10" '
+                   f'fill="#c60">{_fmt(limit)}</text>')
     out.append(f'<line class="threshold" data-threshold="febrile" x1="{LEFT}" x2="{WIDTH - RIGHT}" '
                f'y1="{temp.y(febrile_c):.1f}" y2="{temp.y(febrile_c):.1f}" stroke="#c00" stroke-dasharray="6,3"/>')
     out.append(f'<text x="{WIDTH - RIGHT - 60}" y="{temp.y(febrile_c) - 3:.1f}" font-size="10" fill="#c00">'
