@@ -100,7 +100,8 @@ def _cmd_notify(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
-    return run_demo(rules_dir=args.rules)
+    return run_demo(rules_dir=args.rules, subjects=args.subjects, inbox=not args.no_inbox,
+                    exit_when_done=args.exit_when_done, inbox_port=args.inbox_port)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -345,8 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = asub.add_parser("verify", parents=[store_opts], help="detect edited, removed or reordered entries")
     c.set_defaults(func=_cmd_audit_verify)
 
-    p = sub.add_parser("demo", help="replay the bundled demo cohort and print its alerts (no external services)")
+    p = sub.add_parser("demo", help="replay the bundled demo cohort, print its alerts and serve them in the inbox "
+                                    "(no external services)")
     p.add_argument("--rules", default=None, metavar="DIR")
+    p.add_argument("--subjects", type=int, default=24, help="synthetic subjects (default 24)")
+    p.add_argument("--no-inbox", action="store_true", help="do not start the safety officers' inbox")
+    p.add_argument("--inbox-port", type=int, default=0, help="the inbox's port (default: a free one)")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="stop once the cohort is processed (default: the inbox stays up until Ctrl-C)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="write a synthetic cohort as JSON Lines (for demos and load tests)")
