@@ -330,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "  host (127.0.0.1), port (8080), session_secret (environment only) or session_secret_file,\n"
                     "  session_idle_minutes (30), cookie_secure (false; true behind HTTPS),\n"
                     "  max_failed_signins (5), lockout_minutes (15), signin_attempts_per_minute (10),\n"
-                    "  poll_seconds (5), events (JSON Lines files charted on subject pages), registry_record.\n"
+                    "  poll_seconds (5), events (JSON Lines files charted on subject pages), registry_record,\n"
+                    "  oidc.issuer / oidc.client_id / oidc.client_secret (environment) or oidc.client_secret_file,\n"
+                    "  oidc.username_claim (preferred_username): sign-in through the sponsor's identity provider.\n"
                     "The store is PROTOCOL_MONITOR_STORE or --store; accounts: `protocol-monitor users add`.")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
     p.add_argument("--store", default=None, help="sqlite:///PATH (default sqlite:///alerts.db) or postgresql://...")

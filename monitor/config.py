@@ -73,6 +73,38 @@ class KafkaSecurity(BaseModel):
         return out
 
 
+class OidcSettings(BaseModel):
+    """Sign-in through the sponsor's identity provider (OpenID Connect); off while `issuer` is unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str | None = Field(default=None, description="the provider's issuer URL (discovery at "
+                               "ISSUER/.well-known/openid-configuration)")
+    client_id: str = ""
+    client_secret: SecretStr | None = Field(default=None, description="PROTOCOL_MONITOR_WEB__OIDC__CLIENT_SECRET")
+    client_secret_file: Path | None = None
+    scopes: str = "openid profile email"
+    username_claim: str = Field(default="preferred_username", description="the ID-token claim that names the "
+                                "local account (which holds the role and sites)")
+    public_url: str | None = Field(default=None, description="the inbox's address as browsers see it (for the "
+                                   "redirect URI); default: the address of the request")
+    label: str = "Sign in with the sponsor's account"
+
+    @model_validator(mode="after")
+    def _secret_from_file(self) -> "OidcSettings":
+        if self.client_secret_file is None:
+            return self
+        if self.client_secret is not None:
+            raise ValueError("set the OIDC client secret in one place: the environment or client_secret_file")
+        try:
+            text = self.client_secret_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read client_secret_file {self.client_secret_file}: "
+                             f"{exc.strerror or type(exc).__name__}") from None
+        self.client_secret = SecretStr(text)
+        return self
+
+
 class WebSettings(BaseModel):
     """`protocol-monitor serve`: the safety officers' inbox. Environment: PROTOCOL_MONITOR_WEB__<NAME>."""
 
@@ -96,6 +128,7 @@ class WebSettings(BaseModel):
                               "(without them a subject page shows its alerts only)")
     registry_record: Path | None = Field(default=None, description="the trial's registry record (text): the alert "
                                          "page quotes the sentence a rule comes from")
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
 
     @model_validator(mode="after")
     def _secret_from_file(self) -> "WebSettings":
@@ -169,6 +202,10 @@ def _refuse_secrets_in_file(config_file: Path) -> None:
         return  # the settings source reports unreadable or malformed files itself
     kafka = data.get("kafka") if isinstance(data, dict) else None
     web = data.get("web") if isinstance(data, dict) else None
+    oidc = web.get("oidc") if isinstance(web, dict) else None
+    if isinstance(oidc, dict) and "client_secret" in oidc:
+        raise ConfigError(f"{config_file}: web.oidc.client_secret must not be written in the configuration file; set "
+                          "PROTOCOL_MONITOR_WEB__OIDC__CLIENT_SECRET in the environment, or web.oidc.client_secret_file")
     if isinstance(web, dict) and "session_secret" in web:
         raise ConfigError(f"{config_file}: web.session_secret must not be written in the configuration file (it "
                           "would end up in version control); set PROTOCOL_MONITOR_WEB__SESSION_SECRET in the "

@@ -100,6 +100,11 @@ class Inbox:
         self.signin_limit = RateLimit(web.signin_attempts_per_minute)
         self.events = EventLibrary(web.events)
         self.registry = Registry(web.registry_record)
+        self.oidc = None
+        if web.oidc.issuer:
+            from monitor.web.oidc import OidcClient
+
+            self.oidc = OidcClient(web.oidc)
         zones = self.rules.parameters.site_timezones
         self.default_zone = ZoneInfo(zones.get("default", "UTC"))
         self.zones = {site: ZoneInfo(name) for site, name in zones.items() if site != "default"}
@@ -185,7 +190,8 @@ def build_app(settings: Settings, *, store: AlertStore | None = None, rules: Rul
             return RedirectResponse("/", status_code=303)
         session = session or inbox.sessions.new()
         return inbox.set_cookie(inbox.render("signin.html", request, session=session, error=error, user=None,
-                                             status=status), session)
+                                             status=status, oidc_label=inbox.settings.web.oidc.label
+                                             if inbox.oidc else None), session)
 
     async def signin_get(request: Request) -> Response:
         return await run_in_threadpool(signin_page, request)
@@ -221,6 +227,67 @@ def build_app(settings: Settings, *, store: AlertStore | None = None, rules: Rul
             inbox.sessions.end(session)  # a new id at sign-in: no session fixation
         fresh = inbox.sessions.new(username)
         log.info("%s signed in", username)
+        return inbox.set_cookie(RedirectResponse("/", status_code=303), fresh)
+
+    # ---- sign-in through the sponsor's identity provider (OpenID Connect) -------------------------------------
+    def redirect_uri(request: Request) -> str:
+        base = inbox.settings.web.oidc.public_url or str(request.base_url)
+        return base.rstrip("/") + "/signin/oidc/callback"
+
+    def oidc_start(request: Request) -> Response:
+        if inbox.oidc is None:
+            return PlainTextResponse("Not found", status_code=404)
+        from monitor.web.oidc import OidcError, pkce_pair
+
+        client = request.client.host if request.client else "?"
+        if not inbox.signin_limit.allow(client):
+            return signin_page(request, "Too many sign-in attempts from this address: wait a minute.", 429)
+        session = inbox.sessions.find(request.cookies.get(COOKIE), touch=True) or inbox.sessions.new()
+        verifier, challenge = pkce_pair()
+        session.pending = {"state": secrets.token_urlsafe(24), "nonce": secrets.token_urlsafe(24),
+                           "verifier": verifier}
+        try:
+            url = inbox.oidc.authorization_url(redirect_uri=redirect_uri(request), state=session.pending["state"],
+                                               nonce=session.pending["nonce"], code_challenge=challenge)
+        except OidcError as exc:
+            log.warning("OpenID Connect sign-in unavailable: %s", exc)
+            return signin_page(request, "The identity provider cannot be reached: sign in with your password.",
+                               503)
+        return inbox.set_cookie(RedirectResponse(url, status_code=303), session)
+
+    def oidc_callback(request: Request) -> Response:
+        if inbox.oidc is None:
+            return PlainTextResponse("Not found", status_code=404)
+        from monitor.web.oidc import OidcError
+
+        session = inbox.sessions.find(request.cookies.get(COOKIE), touch=True)
+        pending = session.pending if session is not None else None
+        if session is not None:
+            session.pending = None  # one use
+        state = request.query_params.get("state", "")
+        if pending is None or not secrets.compare_digest(pending["state"], state):
+            return signin_page(request, "Sign-in through the identity provider expired or did not start here: "
+                                        "try again.", 400)
+        if request.query_params.get("error") or not request.query_params.get("code"):
+            return signin_page(request, "The identity provider did not sign you in.", 401)
+        try:
+            token = inbox.oidc.exchange(code=request.query_params["code"], redirect_uri=redirect_uri(request),
+                                        code_verifier=pending["verifier"])
+            claims = inbox.oidc.verify(str(token["id_token"]), nonce=pending["nonce"])
+        except OidcError as exc:
+            log.warning("OpenID Connect sign-in refused: %s", exc)
+            return signin_page(request, "The identity provider's answer was refused.", 401)
+        username = str(claims.get(inbox.settings.web.oidc.username_claim, ""))
+        user = inbox.store.get_user(username) if username else None
+        locked = bool(user and user["locked_until"] and user["locked_until"] > _now())
+        if user is None or user["disabled"] or locked:
+            log.info("OpenID Connect sign-in of a person without an active account")
+            return signin_page(request, "Your identity was confirmed but you have no active account in this "
+                                        "inbox: ask the trial's safety officers.", 403)
+        if session is not None:
+            inbox.sessions.end(session)
+        fresh = inbox.sessions.new(username)
+        log.info("%s signed in through the identity provider", username)
         return inbox.set_cookie(RedirectResponse("/", status_code=303), fresh)
 
     async def signout(request: Request) -> Response:
@@ -407,6 +474,8 @@ def build_app(settings: Settings, *, store: AlertStore | None = None, rules: Rul
         Route("/signin", signin_get, methods=["GET"]),
         Route("/signin", signin_post, methods=["POST"]),
         Route("/signout", signout, methods=["POST"]),
+        Route("/signin/oidc", sync(oidc_start), methods=["GET"]),
+        Route("/signin/oidc/callback", sync(oidc_callback), methods=["GET"]),
         Route("/", sync(inbox_page), methods=["GET"]),
         Route("/inbox/live", sync(inbox_fragment), methods=["GET"]),
         Route("/inbox.csv", sync(inbox_csv), methods=["GET"]),

@@ -40,6 +40,7 @@ class Session:
     csrf: str
     username: str | None = None
     last_used: float = field(default_factory=time.monotonic)
+    pending: dict[str, str] | None = None  # an OpenID Connect sign-in under way: state, nonce, PKCE verifier
 
 
 class Sessions:
