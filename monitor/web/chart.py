@@ -152,7 +152,9 @@ def render_chart(view: SubjectView | None, *, alerts: list[dict[str, Any]], rule
     ivig_top = 395
     labs_anc = Panel("ANC", 450, 80, 0.0, max(4.0, anc_min * 2))
     labs_egfr = Panel("eGFR", 560, 80, 0.0, 150.0)
-    height = 670
+    liver = Panel("liver", 670, 80, 0.0, 6.0)
+    height = 780
+    sp = p.safety
     out: list[str] = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="subject-chart" role="img" viewBox="0 0 {WIDTH} {height}" '
         f'width="{WIDTH}" height="{height}" aria-label="Subject {escape(view.subject_id)}: temperatures, doses, '
@@ -161,7 +163,8 @@ def render_chart(view: SubjectView | None, *, alerts: list[dict[str, Any]], rule
     ]
     # panel frames and labels
     for panel, label in ((temp, "Temperature °C (corrected)"), (dose, "Anakinra mg/kg"),
-                         (labs_anc, "ANC ×10⁹/L"), (labs_egfr, "eGFR mL/min/1.73m²")):
+                         (labs_anc, "ANC ×10⁹/L (eligibility and on-treatment thresholds)"),
+                         (labs_egfr, "eGFR mL/min/1.73m²"), (liver, "ALT / AST × upper limit of normal")):
         out.append(f'<rect class="panel" x="{LEFT}" y="{panel.top}" width="{WIDTH - LEFT - RIGHT}" '
                    f'height="{panel.height}" fill="none" stroke="#bbb"/>')
         out.append(f'<text class="panel-label" x="{LEFT + 4}" y="{panel.top - 4}" font-size="12">{label}</text>')
@@ -193,7 +196,8 @@ def render_chart(view: SubjectView | None, *, alerts: list[dict[str, Any]], rule
     # temperatures
     for c in range(int(temp.lo) + 1, int(temp.hi)):
         out.append(f'<text class="y-label" x="{LEFT - 24}" y="{temp.y(c) + 4:.1f}" font-size="10">{c}</text>')
-    for panel, limit in ((labs_anc, anc_min), (labs_egfr, egfr_min)):
+    for panel, limit in ((labs_anc, anc_min), (labs_anc, sp.neutropenia_below), (labs_egfr, egfr_min),
+                         (liver, float(sp.hepatitis_uln_multiple))):
         out.append(f'<text class="y-label" x="{LEFT - 34}" y="{panel.y(limit) + 4:.1f}" font-size="10" '
                    f'fill="#c60">{_fmt(limit)}</text>')
     out.append(f'<line class="threshold" data-threshold="febrile" x1="{LEFT}" x2="{WIDTH - RIGHT}" '
@@ -291,6 +295,27 @@ def render_chart(view: SubjectView | None, *, alerts: list[dict[str, Any]], rule
                        f'cy="{labs_egfr.y(egfr):.1f}" r="4" fill="{"#c60" if below else "#393"}"><title>eGFR '
                        f'{_fmt(egfr, 1)} (creatinine {_fmt(mg_dl, 3)} mg/dL, height {_fmt(height_cm, 1)} cm) at '
                        f'{local(e.occurred_at)}</title></circle>')
+    out.append(f'<line class="threshold" data-threshold="ANC-on-treatment" x1="{LEFT}" x2="{WIDTH - RIGHT}" '
+               f'y1="{labs_anc.y(sp.neutropenia_below):.1f}" y2="{labs_anc.y(sp.neutropenia_below):.1f}" '
+               f'stroke="#900" stroke-dasharray="2,3"/>')
+    out.append(f'<line class="threshold" data-threshold="liver" x1="{LEFT}" x2="{WIDTH - RIGHT}" '
+               f'y1="{liver.y(sp.hepatitis_uln_multiple):.1f}" y2="{liver.y(sp.hepatitis_uln_multiple):.1f}" '
+               f'stroke="#c60" stroke-dasharray="6,3"/>')
+    for e in view.ev.get("lab_result", []):
+        analyte = view.analyte_of(e)
+        if analyte not in ("ALT", "AST") or not inside(e.occurred_at):
+            continue
+        u_per_l = nm.convert(e.value, e.unit, u.lab_conversions.get(analyte, {}))
+        high = (e.reference_range or {}).get("high") if isinstance(e.reference_range, dict) else None
+        uln = float(high) if isinstance(high, (int, float)) and high > 0 else sp.default_uln_u_per_l.get(analyte)
+        if u_per_l is None or not uln:
+            continue
+        ratio = u_per_l / uln
+        above = ratio >= sp.hepatitis_uln_multiple
+        out.append(f'<circle class="lab{" below" if above else ""}" data-analyte="{analyte}" '
+                   f'data-event="{escape(e.event_id)}" cx="{x(e.occurred_at):.1f}" cy="{liver.y(ratio):.1f}" r="4" '
+                   f'fill="{"#c60" if above else "#393"}"><title>{analyte} {_fmt(u_per_l, 0)} U/L = '
+                   f'{_fmt(ratio, 2)} × ULN ({_fmt(uln, 0)}) at {local(e.occurred_at)}</title></circle>')
     # alerts, linked to their pages
     for a, when in zip(alerts, alert_times):
         if when is None:

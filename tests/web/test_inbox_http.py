@@ -271,5 +271,8 @@ def test_subject_chart_explains_the_h12_alert(app, world):
     assert 'class="reading febrile" data-event="ANA-004-E019"' in svg  # the febrile H12 reading
     assert svg.count('class="dose"') >= 2 and 'data-ladder="8"' in svg
     assert 'class="ivig"' in svg
+    for threshold in ("ANC", "ANC-on-treatment", "eGFR", "liver"):
+        assert f'data-threshold="{threshold}"' in svg
+    assert 'data-analyte="ANC"' in svg and 'data-analyte="eGFR"' in svg and 'data-analyte="ALT"' in svg
     assert f'href="/alerts/{alert["alert_id"]}"' in svg
     assert "timeline-event" in html and "timeline-alert" in html
