@@ -27,10 +27,10 @@ def replay(name: str, tmp_path: Path) -> tuple[list, list[dict]]:
     return alerts, events
 
 
-def fill(tmp_path: Path) -> tuple[str, Path]:
-    """A SQLite store holding the alerts of SCENARIOS (raised and withdrawn records, in order) and the accounts;
-    returns (store URL, events file)."""
-    url = f"sqlite:///{tmp_path / 'inbox.db'}"
+def fill(tmp_path: Path, url: str | None = None) -> tuple[str, Path]:
+    """A store (SQLite in tmp_path unless a URL is given) holding the alerts of SCENARIOS (raised and withdrawn
+    records, in order) and the accounts; returns (store URL, events file)."""
+    url = url or f"sqlite:///{tmp_path / 'inbox.db'}"
     store = AlertStore(url=url)
     events_file = tmp_path / "events.jsonl"
     with events_file.open("w") as out:
