@@ -110,6 +110,7 @@ class Inbox:
         self.zones = {site: ZoneInfo(name) for site, name in zones.items() if site != "default"}
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
         self.env.filters["local"] = self.local
+        self.env.filters["value"] = self.value
         self.env.globals.update(CLOSE_REASONS=CLOSE_REASONS, STATES=STATES, SEVERITIES=tuple(SEVERITY_RANK),
                                 CATEGORIES=CATEGORIES)
 
@@ -131,6 +132,18 @@ class Inbox:
         shown = value.astimezone(zone)
         offset = shown.strftime("%z")
         return f"{shown:%Y-%m-%d %H:%M} {offset[:3]}:{offset[3:]}"
+
+    def value(self, v: Any, site_id: str | None = None) -> str:
+        """An evidence value as shown: an instant in the site's time (the recorded text in a tooltip is not
+        needed: the events table cites the events), anything else as recorded."""
+        if isinstance(v, str) and len(v) >= 20 and v[4:5] == "-" and v[10:11] == "T":
+            try:
+                parsed = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                return v
+            if parsed.tzinfo is not None:
+                return self.local(v, site_id)
+        return str(v)
 
     def render(self, name: str, request: Request, *, status: int = 200, **context: Any) -> HTMLResponse:
         session: Session | None = context.pop("session", None)

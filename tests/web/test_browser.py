@@ -97,7 +97,7 @@ def sign_in(driver, base: str, username: str, password: str | None = None) -> No
     driver.find_element(By.ID, "signin").click()
 
 
-def wait(driver, condition, timeout: float = 10):
+def wait(driver, condition, timeout: float = 20):
     return WebDriverWait(driver, timeout).until(lambda d: condition(d))
 
 
