@@ -66,7 +66,9 @@ def world(tmp_path_factory):
             server.kill()
             server.wait()
         log.close()
-        assert "officer-pass" not in (tmp / "serve.log").read_text()  # passwords are never logged
+        logged = (tmp / "serve.log").read_text()
+        assert not any(secret in logged for secret in PASSWORDS.values())  # passwords are never logged
+        assert SEEN_COOKIES and not any(cookie in logged for cookie in SEEN_COOKIES)  # nor session cookies
 
 
 @pytest.fixture()
@@ -90,11 +92,18 @@ def shot(driver, name: str) -> None:
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
 
 
+SEEN_COOKIES: list[str] = []
+
+
 def sign_in(driver, base: str, username: str, password: str | None = None) -> None:
     driver.get(base + "/signin")
     driver.find_element(By.ID, "username").send_keys(username)
     driver.find_element(By.ID, "password").send_keys(password if password is not None else PASSWORDS[username])
     driver.find_element(By.ID, "signin").click()
+    wait(driver, lambda d: "/signin" not in d.current_url or d.find_elements(By.ID, "error"))
+    cookie = driver.get_cookie("pm_session")
+    if cookie:
+        SEEN_COOKIES.append(cookie["value"])
 
 
 def wait(driver, condition, timeout: float = 20):

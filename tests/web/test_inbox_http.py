@@ -276,3 +276,18 @@ def test_subject_chart_explains_the_h12_alert(app, world):
     assert 'data-analyte="ANC"' in svg and 'data-analyte="eGFR"' in svg and 'data-analyte="ALT"' in svg
     assert f'href="/alerts/{alert["alert_id"]}"' in svg
     assert "timeline-event" in html and "timeline-alert" in html
+
+
+def test_streamed_evidence_shows_its_kafka_topic_partition_and_offset(app, world):
+    url, _ = world
+    store = AlertStore(url=url)
+    alert = store.record_for(h12_alert(url)["alert_id"], "raised")
+    sources = {eid: {"topic": "clinical-events", "partition": 3, "offset": 1200 + i}
+               for i, eid in enumerate(alert.evidence["events"])}
+    streamed = alert.model_copy(update={"alert_id": "streamed-h12", "evidence": {**alert.evidence,
+                                                                                  "sources": sources}})
+    store.add_record(streamed)
+    html = client_for(app, "dr.officer").get("/alerts/streamed-h12").text
+    table = html[html.index('id="evidence-events"'):]
+    table = table[:table.index("</table>")]
+    assert "clinical-events/3/1200" in table and "clinical-events/3/1201" in table
