@@ -100,7 +100,8 @@ def _cmd_notify(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
-    return run_demo(rules_dir=args.rules)
+    return run_demo(rules_dir=args.rules, subjects=args.subjects, inbox=not args.no_inbox,
+                    exit_when_done=args.exit_when_done, inbox_port=args.inbox_port)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -170,6 +171,58 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
         store.close_alert(args.alert_id, by=args.by, reason=args.reason)
         print(f"closed {args.alert_id}")
     return 0
+
+
+def _cmd_users(args: argparse.Namespace) -> int:
+    import getpass as _getpass
+
+    from monitor.web.passwords import hash_password, read_new_password
+
+    store = _store(args)
+    actor = f"cli:{_getpass.getuser()}"
+    if args.users_command == "add":
+        sites = [s.strip() for s in (args.sites or "").split(",") if s.strip()]
+        password = read_new_password(from_stdin=args.password_stdin, from_env=args.password_env)
+        store.add_user(username=args.username, printed_name=args.name, role=args.role, sites=sites,
+                       password_hash=hash_password(password), actor=actor)
+        print(f"added {args.username} ({args.role}{', sites ' + ','.join(sites) if sites else ''})")
+    elif args.users_command == "passwd":
+        if store.get_user(args.username) is None:
+            raise MonitorError(f"no user {args.username}")
+        password = read_new_password(from_stdin=args.password_stdin, from_env=args.password_env)
+        store.set_password(args.username, password_hash=hash_password(password), actor=actor)
+        print(f"password set for {args.username}; failed sign-ins and any lock cleared")
+    elif args.users_command == "disable":
+        store.disable_user(args.username, actor=actor)
+        print(f"disabled {args.username}")
+    elif args.users_command == "list":
+        for u in store.list_users():
+            status = "disabled" if u["disabled"] else (f"locked until {u['locked_until']}" if u["locked_until"]
+                                                       else "active")
+            print(f"{u['username']:<20} {u['role']:<15} {','.join(u['sites']) or '*':<20} {status:<12} "
+                  f"{u['printed_name']}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from monitor.config import load_settings
+    from monitor.web.app import serve
+
+    web: dict[str, Any] = {}
+    if args.host is not None:
+        web["host"] = args.host
+    if args.port is not None:
+        web["port"] = args.port
+    if args.events:
+        web["events"] = args.events
+    overrides: dict[str, Any] = {"store": args.store, "rules": args.rules}
+    settings = load_settings(config_file=args.config, overrides=overrides)
+    if web:
+        settings.web = settings.web.model_copy(update=web)
+    if settings.store is None:
+        settings.store = DEFAULT_STORE
+    logging.getLogger().setLevel(logging.INFO)
+    return serve(settings)
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -244,13 +297,65 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reason", required=True)
     p.set_defaults(func=_cmd_alerts)
 
+    password_opts = argparse.ArgumentParser(add_help=False)
+    password_opts.add_argument("--password-stdin", action="store_true",
+                               help="read the password from the first line of standard input")
+    password_opts.add_argument("--password-env", default=None, metavar="NAME",
+                               help="read the password from environment variable NAME")
+    p = sub.add_parser("users", help="inbox accounts: add, passwd, disable, list (argon2 password hashes)",
+                       description="Passwords are never command-line arguments: they are typed at a prompt (twice), "
+                                   "or read from standard input (--password-stdin) or an environment variable "
+                                   "(--password-env NAME). Every change goes to the audit trail, without the hash.")
+    usub = p.add_subparsers(dest="users_command", required=True)
+    c = usub.add_parser("add", parents=[store_opts, password_opts], help="add an account")
+    c.add_argument("username")
+    c.add_argument("--name", required=True, help="printed name, shown on electronic signatures")
+    c.add_argument("--role", required=True, choices=["safety_officer", "site_monitor", "viewer"],
+                   help="safety_officer: all sites, every action; site_monitor: own sites, view and comment; "
+                        "viewer: read only")
+    c.add_argument("--sites", default="", help="comma-separated site ids the account may see (site_monitor, "
+                                               "viewer; empty for a viewer: every site)")
+    c = usub.add_parser("passwd", parents=[store_opts, password_opts], help="set a new password (clears a lock)")
+    c.add_argument("username")
+    c = usub.add_parser("disable", parents=[store_opts], help="disable an account (its sessions end)")
+    c.add_argument("username")
+    usub.add_parser("list", parents=[store_opts], help="accounts, roles, sites and status")
+    p.set_defaults(func=_cmd_users)
+
+    p = sub.add_parser(
+        "serve", help="the safety officers' inbox: a web application on the alert store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the inbox (server-rendered pages; no JavaScript build, nothing from the internet).\n"
+                    "Settings (YAML `web:` section of --config, or PROTOCOL_MONITOR_WEB__<NAME>):\n"
+                    "  host (127.0.0.1), port (8080), session_secret (environment only) or session_secret_file,\n"
+                    "  session_idle_minutes (30), cookie_secure (false; true behind HTTPS),\n"
+                    "  max_failed_signins (5), lockout_minutes (15), signin_attempts_per_minute (10),\n"
+                    "  poll_seconds (5), events (JSON Lines files charted on subject pages), registry_record,\n"
+                    "  oidc.issuer / oidc.client_id / oidc.client_secret (environment) or oidc.client_secret_file,\n"
+                    "  oidc.username_claim (preferred_username): sign-in through the sponsor's identity provider.\n"
+                    "The store is PROTOCOL_MONITOR_STORE or --store; accounts: `protocol-monitor users add`.")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
+    p.add_argument("--store", default=None, help="sqlite:///PATH (default sqlite:///alerts.db) or postgresql://...")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--rules", default=None, metavar="DIR", help="rules directory (titles, sources, time zones)")
+    p.add_argument("--events", action="append", default=None, metavar="FILE",
+                   help="JSON Lines events charted on subject pages (repeatable)")
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("audit", help="the audit trail: verify")
     asub = p.add_subparsers(dest="audit_command", required=True)
     c = asub.add_parser("verify", parents=[store_opts], help="detect edited, removed or reordered entries")
     c.set_defaults(func=_cmd_audit_verify)
 
-    p = sub.add_parser("demo", help="replay the bundled demo cohort and print its alerts (no external services)")
+    p = sub.add_parser("demo", help="replay the bundled demo cohort, print its alerts and serve them in the inbox "
+                                    "(no external services)")
     p.add_argument("--rules", default=None, metavar="DIR")
+    p.add_argument("--subjects", type=int, default=24, help="synthetic subjects (default 24)")
+    p.add_argument("--no-inbox", action="store_true", help="do not start the safety officers' inbox")
+    p.add_argument("--inbox-port", type=int, default=0, help="the inbox's port (default: a free one)")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="stop once the cohort is processed (default: the inbox stays up until Ctrl-C)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="write a synthetic cohort as JSON Lines (for demos and load tests)")

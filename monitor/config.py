@@ -73,6 +73,80 @@ class KafkaSecurity(BaseModel):
         return out
 
 
+class OidcSettings(BaseModel):
+    """Sign-in through the sponsor's identity provider (OpenID Connect); off while `issuer` is unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str | None = Field(default=None, description="the provider's issuer URL (discovery at "
+                               "ISSUER/.well-known/openid-configuration)")
+    client_id: str = ""
+    client_secret: SecretStr | None = Field(default=None, description="PROTOCOL_MONITOR_WEB__OIDC__CLIENT_SECRET")
+    client_secret_file: Path | None = None
+    scopes: str = "openid profile email"
+    username_claim: str = Field(default="preferred_username", description="the ID-token claim that names the "
+                                "local account (which holds the role and sites)")
+    public_url: str | None = Field(default=None, description="the inbox's address as browsers see it (for the "
+                                   "redirect URI); default: the address of the request")
+    label: str = "Sign in with the sponsor's account"
+
+    @model_validator(mode="after")
+    def _secret_from_file(self) -> "OidcSettings":
+        if self.client_secret_file is None:
+            return self
+        if self.client_secret is not None:
+            raise ValueError("set the OIDC client secret in one place: the environment or client_secret_file")
+        try:
+            text = self.client_secret_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read client_secret_file {self.client_secret_file}: "
+                             f"{exc.strerror or type(exc).__name__}") from None
+        self.client_secret = SecretStr(text)
+        return self
+
+
+class WebSettings(BaseModel):
+    """`protocol-monitor serve`: the safety officers' inbox. Environment: PROTOCOL_MONITOR_WEB__<NAME>."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="address to listen on (loopback by default; put a TLS "
+                      "reverse proxy in front for anything else)")
+    port: int = Field(default=8080, ge=0, le=65535)
+    session_secret: SecretStr | None = Field(default=None, description="key that signs session cookies "
+                                             "(PROTOCOL_MONITOR_WEB__SESSION_SECRET); unset: a random key per start")
+    session_secret_file: Path | None = Field(default=None, description="a file holding the session key "
+                                             "(a mounted secret)")
+    session_idle_minutes: float = Field(default=30, gt=0, description="a session unused this long expires")
+    cookie_secure: bool = Field(default=False, description="mark cookies Secure (set true behind HTTPS)")
+    max_failed_signins: int = Field(default=5, ge=1, description="consecutive wrong passwords that lock an account")
+    lockout_minutes: float = Field(default=15, gt=0)
+    signin_attempts_per_minute: int = Field(default=10, ge=1, description="sign-in attempts per client address "
+                                            "per minute; more get HTTP 429")
+    poll_seconds: float = Field(default=5, gt=0, description="how often an open inbox asks for new alerts")
+    events: list[str] = Field(default_factory=list, description="JSON Lines event files the subject pages chart "
+                              "(without them a subject page shows its alerts only)")
+    registry_record: Path | None = Field(default=None, description="the trial's registry record (text): the alert "
+                                         "page quotes the sentence a rule comes from")
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
+
+    @model_validator(mode="after")
+    def _secret_from_file(self) -> "WebSettings":
+        if self.session_secret_file is None:
+            return self
+        if self.session_secret is not None:
+            raise ValueError("set the session secret in one place: the environment or session_secret_file")
+        try:
+            text = self.session_secret_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read session_secret_file {self.session_secret_file}: "
+                             f"{exc.strerror or type(exc).__name__}") from None
+        if len(text) < 16:
+            raise ValueError(f"session_secret_file {self.session_secret_file} holds fewer than 16 characters")
+        self.session_secret = SecretStr(text)
+        return self
+
+
 class Settings(BaseSettings):
     """Everything `protocol-monitor run` needs; see the README's configuration table."""
 
@@ -103,6 +177,7 @@ class Settings(BaseSettings):
                               "(notify and alerts default to sqlite:///alerts.db; run records rules loads there)")
     notify_group_id: str = "protocol-monitor-notify"
     routes: list[dict[str, Any]] = Field(default_factory=list, description="alert delivery routes (see README)")
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -126,6 +201,15 @@ def _refuse_secrets_in_file(config_file: Path) -> None:
     except (OSError, yaml.YAMLError):
         return  # the settings source reports unreadable or malformed files itself
     kafka = data.get("kafka") if isinstance(data, dict) else None
+    web = data.get("web") if isinstance(data, dict) else None
+    oidc = web.get("oidc") if isinstance(web, dict) else None
+    if isinstance(oidc, dict) and "client_secret" in oidc:
+        raise ConfigError(f"{config_file}: web.oidc.client_secret must not be written in the configuration file; set "
+                          "PROTOCOL_MONITOR_WEB__OIDC__CLIENT_SECRET in the environment, or web.oidc.client_secret_file")
+    if isinstance(web, dict) and "session_secret" in web:
+        raise ConfigError(f"{config_file}: web.session_secret must not be written in the configuration file (it "
+                          "would end up in version control); set PROTOCOL_MONITOR_WEB__SESSION_SECRET in the "
+                          "environment, or web.session_secret_file to a file that holds it")
     for name in SECRETS_IN_FILE_REFUSED:
         if isinstance(kafka, dict) and name in kafka:
             raise ConfigError(f"{config_file}: kafka.{name} must not be written in the configuration file (it "

@@ -25,7 +25,7 @@ from monitor.errors import ConfigError, MonitorError
 
 STATES = ("raised", "acknowledged", "closed", "withdrawn")
 
-SCHEMA = [
+BASE_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS alerts (
         alert_id TEXT PRIMARY KEY, rule TEXT NOT NULL, subject_id TEXT NOT NULL, site_id TEXT NOT NULL,
         severity TEXT NOT NULL, category TEXT NOT NULL, at TEXT NOT NULL, detected_at TEXT NOT NULL,
@@ -43,6 +43,91 @@ SCHEMA = [
         seq INTEGER PRIMARY KEY, at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, data TEXT NOT NULL,
         prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
 ]
+SCHEMA = BASE_SCHEMA  # the schema of release 0.1.0 (migration 1), kept under its old name
+
+ROLES = ("safety_officer", "site_monitor", "viewer")
+SEVERITY_RANK = {"critical": 0, "major": 1, "minor": 2, "info": 3}
+CLOSE_REASONS = (
+    "not a deviation",
+    "deviation confirmed: reported to the sponsor",
+    "deviation confirmed: site retrained",
+    "data error: corrected at the site",
+    "duplicate of another alert",
+    "other",
+)
+
+
+def _v2_statements() -> list[str]:
+    return [
+        "ALTER TABLE alerts ADD COLUMN at_utc TEXT",
+        "ALTER TABLE alerts ADD COLUMN raised_at TEXT",
+        "ALTER TABLE alerts ADD COLUMN assignee TEXT",
+        "CREATE INDEX IF NOT EXISTS alerts_by_site ON alerts (site_id, state)",
+        "CREATE INDEX IF NOT EXISTS alerts_by_subject ON alerts (subject_id)",
+        """CREATE TABLE IF NOT EXISTS users (
+            username TEXT PRIMARY KEY, printed_name TEXT NOT NULL, role TEXT NOT NULL, sites TEXT NOT NULL,
+            password_hash TEXT NOT NULL, disabled INTEGER NOT NULL DEFAULT 0,
+            failed_signins INTEGER NOT NULL DEFAULT 0, locked_until TEXT, created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS signatures (
+            signature_id TEXT PRIMARY KEY, alert_id TEXT NOT NULL, username TEXT NOT NULL,
+            printed_name TEXT NOT NULL, action TEXT NOT NULL, meaning TEXT NOT NULL, reason TEXT NOT NULL,
+            at TEXT NOT NULL, audit_seq INTEGER NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS comments (
+            comment_id TEXT PRIMARY KEY, alert_id TEXT NOT NULL, author TEXT NOT NULL, text TEXT NOT NULL,
+            at TEXT NOT NULL, signature_id TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS assignments (
+            assignment_id TEXT PRIMARY KEY, alert_id TEXT NOT NULL, assignee TEXT NOT NULL,
+            assigned_by TEXT NOT NULL, at TEXT NOT NULL, signature_id TEXT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS signatures_by_alert ON signatures (alert_id)",
+    ]
+
+
+def _v2_backfill(cur: Any) -> None:
+    """Every existing alert gets its instant in UTC (sortable as text) and the time it was first stored."""
+    cur.execute("SELECT alert_id, at, detected_at, updated_at FROM alerts")
+    rows = cur.fetchall()
+    for alert_id, at, detected_at, updated_at in rows:
+        cur.execute("SELECT stored_at FROM records WHERE alert_id = ? AND status = 'raised'", (alert_id,))
+        stored = cur.fetchone()
+        cur.execute("UPDATE alerts SET at_utc = ?, raised_at = ? WHERE alert_id = ?",
+                    (utc_instant(at, fallback=detected_at), stored[0] if stored else updated_at, alert_id))
+
+
+# Versioned migrations, applied in order, each in the transaction that records it in schema_version. A store made
+# by release 0.1.0 (no schema_version table) is at version 0 with migration 1's tables already there; migration 1
+# only creates what is missing, so it upgrades in place. Never edit a released migration: append a new one.
+def _migration_1(cur: Any) -> None:
+    for statement in BASE_SCHEMA:
+        cur.execute(statement)
+
+
+def _migration_2(cur: Any) -> None:
+    for statement in _v2_statements():
+        cur.execute(statement)
+    _v2_backfill(cur)
+
+
+MIGRATIONS: list[tuple[int, str, Any]] = [
+    (1, "alerts, records, outbox, audit (release 0.1.0)", _migration_1),
+    (2, "UTC instants, days open, assignee; users, signatures, comments, assignments", _migration_2),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def utc_instant(text: str | None, *, fallback: str | None = None) -> str:
+    """An ISO-8601 instant with any offset as fixed-width UTC text, so ordering the text orders the instants."""
+    for candidate in (text, fallback):
+        if not candidate:
+            continue
+        try:
+            value = dt.datetime.fromisoformat(str(candidate).replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return _now()
 
 
 class StoreError(MonitorError):
@@ -142,9 +227,7 @@ class AlertStore:
             self._pg = True
         else:
             raise ConfigError(f"alert store URL must be sqlite:///PATH or postgresql://...; got {url!r}")
-        with self._tx() as cur:
-            for statement in SCHEMA:
-                cur.execute(statement)
+        self._migrate()
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
     def _sql(self, text: str) -> str:
@@ -182,6 +265,46 @@ class AlertStore:
                     cur.close()
                 except Exception:  # noqa: S110 - a lost connection; the error above says so
                     pass
+
+    def _table_exists(self, cur: Any, name: str) -> bool:
+        if self._pg:
+            cur.execute("SELECT to_regclass(?) IS NOT NULL", (name,))
+        else:
+            cur.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return bool(cur.fetchone()[0])
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, one numbered migration per transaction. An upgrade of a store that
+        already held data is written to the audit trail (from, to), continuing the chain."""
+        fresh: bool | None = None
+        while True:
+            with self._tx() as cur:
+                if self._pg:
+                    cur.execute("SELECT pg_advisory_xact_lock(4711017)")  # one migrating process at a time
+                cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                            "description TEXT NOT NULL, applied_at TEXT NOT NULL)")
+                cur.execute("SELECT MAX(version) FROM schema_version")
+                current = cur.fetchone()[0] or 0
+                if current > SCHEMA_VERSION:
+                    raise StoreError(f"the alert store {_where(self.url)} has schema version {current}, newer than "
+                                     f"this release knows ({SCHEMA_VERSION}): upgrade protocol-monitor")
+                pending = [m for m in MIGRATIONS if m[0] > current]
+                if not pending:
+                    return
+                version, description, apply = pending[0]
+                if fresh is None:
+                    fresh = current == 0 and not self._table_exists(cur, "alerts")
+                apply(cur)
+                cur.execute("INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+                            (version, description, _now()))
+                if not fresh and version > 1:  # migration 1 only adopts a store of release 0.1.0 as it is
+                    self._audit(cur, actor="protocol-monitor", action="store_migrated",
+                                data={"from_version": current, "to_version": version, "description": description})
+
+    def schema_version(self) -> int:
+        with self._tx() as cur:
+            cur.execute("SELECT MAX(version) FROM schema_version")
+            return int(cur.fetchone()[0] or 0)
 
     def _has_audit(self, cur: Any) -> bool:
         cur.execute("SELECT to_regclass('audit') IS NOT NULL")
@@ -235,11 +358,12 @@ class AlertStore:
                 withdrawn = cur.fetchone() is not None
                 cur.execute(
                     "INSERT INTO alerts (alert_id, rule, subject_id, site_id, severity, category, at, detected_at, "
-                    "rule_version, message, record, state, updated_at, withdrawn_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "rule_version, message, record, state, updated_at, withdrawn_at, at_utc, raised_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (alert.alert_id, alert.rule, alert.subject_id, alert.site_id, alert.severity, alert.category,
                      alert.at, alert.detected_at, alert.rule_version, alert.message, record,
-                     "withdrawn" if withdrawn else "raised", now, now if withdrawn else None))
+                     "withdrawn" if withdrawn else "raised", now, now if withdrawn else None,
+                     utc_instant(alert.at, fallback=alert.detected_at), now))
             else:
                 cur.execute("UPDATE alerts SET state = CASE WHEN state = 'closed' THEN state ELSE 'withdrawn' END, "
                             "withdrawn_at = ?, updated_at = ? WHERE alert_id = ?", (now, now, alert.alert_id))
@@ -256,13 +380,14 @@ class AlertStore:
         with self._tx() as cur:
             cur.execute("SELECT alert_id, rule, subject_id, site_id, severity, category, at, detected_at, "
                         "rule_version, message, record, state, updated_at, ack_by, ack_at, ack_reason, closed_by, "
-                        "closed_at, close_reason, withdrawn_at FROM alerts WHERE alert_id = ?", (alert_id,))
+                        "closed_at, close_reason, withdrawn_at, at_utc, raised_at, assignee FROM alerts WHERE alert_id = ?",
+                        (alert_id,))
             row = cur.fetchone()
             if row is None:
                 raise StoreError(f"no alert {alert_id} in the store")
             names = ["alert_id", "rule", "subject_id", "site_id", "severity", "category", "at", "detected_at",
                      "rule_version", "message", "record", "state", "updated_at", "ack_by", "ack_at", "ack_reason",
-                     "closed_by", "closed_at", "close_reason", "withdrawn_at"]
+                     "closed_by", "closed_at", "close_reason", "withdrawn_at", "at_utc", "raised_at", "assignee"]
             out = dict(zip(names, row))
             out["record"] = json.loads(out["record"])
             return out
@@ -276,7 +401,7 @@ class AlertStore:
                 args.append(value)
         # column names are fixed above; every value is a bound parameter
         sql = ("SELECT alert_id, state, severity, rule, subject_id, site_id, at FROM alerts"  # noqa: S608
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY at, alert_id LIMIT ?")
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY at_utc, alert_id LIMIT ?")
         with self._tx() as cur:
             cur.execute(sql, (*args, limit))
             return [dict(zip(["alert_id", "state", "severity", "rule", "subject_id", "site_id", "at"], r))
@@ -310,6 +435,286 @@ class AlertStore:
             now = _now()
             cur.execute(sql, (by, now, reason, now, alert_id))
             self._audit(cur, actor=by, action=f"alert_{action}", data={"alert_id": alert_id, "reason": reason})
+
+    # ---- the inbox: filtered, fenced queries ------------------------------------------------------------------
+    INBOX_COLUMNS = ("alert_id", "state", "severity", "rule", "category", "subject_id", "site_id", "at", "at_utc",
+                     "detected_at", "raised_at", "withdrawn_at", "assignee", "message", "rule_version")
+
+    @staticmethod
+    def _fence(sites: "builtins.list[str] | None", where: "builtins.list[str]", args: "builtins.list[Any]") -> None:
+        """sites None: every site; otherwise only these (an empty list: none)."""
+        if sites is None:
+            return
+        if not sites:
+            where.append("1 = 0")
+            return
+        where.append("site_id IN (" + ", ".join("?" for _ in sites) + ")")
+        args.extend(sites)
+
+    def inbox(self, *, sites: "builtins.list[str] | None", site: str | None = None, rule: str | None = None,
+              severity: str | None = None, category: str | None = None, state: str | None = None,
+              assignee: str | None = None, subject: str | None = None, min_days_open: float | None = None,
+              limit: int = 500, now: dt.datetime | None = None) -> "builtins.list[dict[str, Any]]":
+        """Alerts within the fence `sites`, open ones first (raised, acknowledged), then most severe, then oldest
+        (by the instant in UTC). state "open" = raised or acknowledged; "withdrawn" includes closed-after-withdrawal."""
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        self._fence(sites, where, args)
+        for column, value in (("site_id", site), ("rule", rule), ("severity", severity), ("category", category),
+                              ("subject_id", subject)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if assignee == "-":
+            where.append("assignee IS NULL")
+        elif assignee:
+            where.append("assignee = ?")
+            args.append(assignee)
+        if state == "open":
+            where.append("state IN ('raised', 'acknowledged')")
+        elif state == "withdrawn":
+            where.append("withdrawn_at IS NOT NULL")
+        elif state:
+            where.append("state = ?")
+            args.append(state)
+        if min_days_open:
+            cut = ((now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(days=min_days_open))
+            where.append("state IN ('raised', 'acknowledged') AND raised_at <= ?")
+            args.append(cut.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds"))
+        rank = "CASE severity " + " ".join(f"WHEN '{k}' THEN {v}" for k, v in SEVERITY_RANK.items()) + " ELSE 9 END"
+        # column names and the CASE are fixed above; every value is a bound parameter
+        sql = (f"SELECT {', '.join(self.INBOX_COLUMNS)} FROM alerts"  # noqa: S608
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY CASE WHEN state IN ('raised', 'acknowledged') THEN 0 ELSE 1 END, "
+               + rank + ", at_utc, alert_id LIMIT ?")
+        with self._tx() as cur:
+            cur.execute(sql, (*args, limit))
+            return [dict(zip(self.INBOX_COLUMNS, r)) for r in cur.fetchall()]
+
+    def counts(self, *, sites: "builtins.list[str] | None") -> dict[str, Any]:
+        """Counts within the fence: by site × state, and open alerts by rule."""
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        self._fence(sites, where, args)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        with self._tx() as cur:
+            cur.execute("SELECT site_id, state, COUNT(*) FROM alerts" + clause  # noqa: S608 - fixed text
+                        + " GROUP BY site_id, state ORDER BY site_id, state", tuple(args))
+            by_site: dict[str, dict[str, int]] = {}
+            for site_id, state, n in cur.fetchall():
+                by_site.setdefault(site_id, {})[state] = int(n)
+            open_clause = (clause + " AND " if clause else " WHERE ") + "state IN ('raised', 'acknowledged')"
+            cur.execute("SELECT rule, COUNT(*) FROM alerts" + open_clause  # noqa: S608 - fixed text
+                        + " GROUP BY rule ORDER BY COUNT(*) DESC, rule", tuple(args))
+            by_rule = {r: int(n) for r, n in cur.fetchall()}
+        return {"by_site": by_site, "by_rule": by_rule}
+
+    def distinct(self, column: str, *, sites: "builtins.list[str] | None") -> "builtins.list[str]":
+        if column not in ("site_id", "rule", "category", "severity", "assignee", "subject_id"):
+            raise StoreError(f"no such column {column}")
+        where: builtins.list[str] = [f"{column} IS NOT NULL"]
+        args: builtins.list[Any] = []
+        self._fence(sites, where, args)
+        with self._tx() as cur:
+            cur.execute(f"SELECT DISTINCT {column} FROM alerts WHERE "  # noqa: S608 - column checked above
+                        + " AND ".join(where) + f" ORDER BY {column}", tuple(args))
+            return [r[0] for r in cur.fetchall()]
+
+    def history(self, alert_id: str) -> "builtins.list[dict[str, Any]]":
+        """What happened to one alert, in order: records stored (raised, withdrawn), command-line actions and
+        electronically signed actions with their signer's printed name and meaning."""
+        alert = self.get(alert_id)
+        out: builtins.list[dict[str, Any]] = []
+        with self._tx() as cur:
+            cur.execute("SELECT status, stored_at FROM records WHERE alert_id = ?", (alert_id,))
+            for status, stored_at in cur.fetchall():
+                out.append({"at": stored_at, "who": "protocol-monitor", "printed_name": "protocol-monitor",
+                            "action": "raised" if status == "raised" else "withdrawn", "reason": "",
+                            "meaning": "raised by the monitor" if status == "raised"
+                            else "withdrawn by the monitor (the data no longer support it)", "signed": False})
+            cur.execute("SELECT signature_id, username, printed_name, action, meaning, reason, at, audit_seq "
+                        "FROM signatures WHERE alert_id = ? ORDER BY audit_seq", (alert_id,))
+            signed = [dict(zip(["signature_id", "who", "printed_name", "action", "meaning", "reason", "at",
+                                "audit_seq"], r)) for r in cur.fetchall()]
+            cur.execute("SELECT signature_id, text FROM comments WHERE alert_id = ?", (alert_id,))
+            texts = dict(cur.fetchall())
+        for s in signed:
+            s["signed"] = True
+            s["text"] = texts.get(s["signature_id"], "")
+        out.extend(signed)
+        signed_actions = {s["action"] for s in signed}
+        # actions taken with `alerts ack|close` on the command line (not signed electronically)
+        if alert["ack_at"] and "acknowledge" not in signed_actions:
+            out.append({"at": alert["ack_at"], "who": alert["ack_by"], "printed_name": alert["ack_by"],
+                        "action": "acknowledge", "meaning": "acknowledged (command line, not signed)",
+                        "reason": alert["ack_reason"] or "", "signed": False})
+        if alert["closed_at"] and "close" not in signed_actions:
+            out.append({"at": alert["closed_at"], "who": alert["closed_by"], "printed_name": alert["closed_by"],
+                        "action": "close", "meaning": "closed (command line, not signed)",
+                        "reason": alert["close_reason"] or "", "signed": False})
+        out.sort(key=lambda h: (h["at"], h.get("audit_seq", 0)))
+        return out
+
+    # ---- electronically signed actions -------------------------------------------------------------------------
+    def sign_action(self, alert_id: str, *, username: str, printed_name: str, action: str, reason: str = "",
+                    text: str = "", assignee: str | None = None) -> dict[str, Any]:
+        """One lifecycle action as an electronic signature (21 CFR Part 11 §11.50): the caller has just checked
+        the signer's password. The state change, the signature (printed name, UTC date-time, meaning), the comment
+        or assignment, and the audit entry are written in one transaction."""
+        import uuid
+
+        reason, text = reason.strip(), text.strip()
+        if action not in ("acknowledge", "assign", "comment", "close", "reopen"):
+            raise StoreError(f"unknown action {action!r}")
+        with self._tx() as cur:
+            cur.execute("SELECT state, withdrawn_at FROM alerts WHERE alert_id = ?", (alert_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise StoreError(f"no alert {alert_id} in the store")
+            state, withdrawn_at = row
+            now = _now()
+            if action == "acknowledge":
+                if state != "raised":
+                    raise StoreError(f"alert {alert_id} is {state}; only a raised alert can be acknowledged")
+                meaning = "acknowledged"
+                cur.execute("UPDATE alerts SET state = 'acknowledged', ack_by = ?, ack_at = ?, ack_reason = ?, "
+                            "updated_at = ? WHERE alert_id = ?", (username, now, text, now, alert_id))
+            elif action == "assign":
+                if not assignee:
+                    raise StoreError("say to whom the alert is assigned")
+                if state == "closed":
+                    raise StoreError(f"alert {alert_id} is closed; re-open it first")
+                meaning = f"assigned to {assignee}"
+                cur.execute("UPDATE alerts SET assignee = ?, updated_at = ? WHERE alert_id = ?",
+                            (assignee, now, alert_id))
+            elif action == "comment":
+                if not text:
+                    raise StoreError("a comment needs text")
+                meaning = "commented"
+            elif action == "close":
+                if reason not in CLOSE_REASONS:
+                    raise StoreError("closing an alert needs a reason from the list")
+                if reason == "other" and not text:
+                    raise StoreError("closing for another reason needs an explanation")
+                if state == "closed":
+                    raise StoreError(f"alert {alert_id} is already closed")
+                meaning = f"closed: {reason}"
+                cur.execute("UPDATE alerts SET state = 'closed', closed_by = ?, closed_at = ?, close_reason = ?, "
+                            "updated_at = ? WHERE alert_id = ?",
+                            (username, now, reason + (f" ({text})" if text else ""), now, alert_id))
+            else:  # reopen
+                if state != "closed":
+                    raise StoreError(f"alert {alert_id} is {state}; only a closed alert can be re-opened")
+                if not text:
+                    raise StoreError("re-opening an alert needs a reason")
+                meaning = "re-opened"
+                cur.execute("UPDATE alerts SET state = ?, closed_by = NULL, closed_at = NULL, close_reason = NULL, "
+                            "updated_at = ? WHERE alert_id = ?",
+                            ("withdrawn" if withdrawn_at else "raised", now, alert_id))
+            signature_id = uuid.uuid4().hex
+            full_reason = reason if action == "close" else (text if action in ("reopen", "acknowledge") else "")
+            self._audit(cur, actor=username, action=f"alert_{action}_signed",
+                        data={"alert_id": alert_id, "signature_id": signature_id, "printed_name": printed_name,
+                              "meaning": meaning, "reason": full_reason, "text": text,
+                              "assignee": assignee if action == "assign" else None,
+                              "signature": "password re-entered"})
+            cur.execute("SELECT MAX(seq) FROM audit")
+            seq = int(cur.fetchone()[0])
+            cur.execute("SELECT at FROM audit WHERE seq = ?", (seq,))
+            at = cur.fetchone()[0]
+            cur.execute("INSERT INTO signatures (signature_id, alert_id, username, printed_name, action, meaning, "
+                        "reason, at, audit_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (signature_id, alert_id, username, printed_name, action, meaning, full_reason, at, seq))
+            if action == "comment" or (text and action in ("close", "assign")):
+                cur.execute("INSERT INTO comments (comment_id, alert_id, author, text, at, signature_id) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", (uuid.uuid4().hex, alert_id, username, text, at, signature_id))
+            if action == "assign":
+                cur.execute("INSERT INTO assignments (assignment_id, alert_id, assignee, assigned_by, at, "
+                            "signature_id) VALUES (?, ?, ?, ?, ?, ?)",
+                            (uuid.uuid4().hex, alert_id, assignee, username, at, signature_id))
+        return {"signature_id": signature_id, "printed_name": printed_name, "meaning": meaning, "at": at,
+                "audit_seq": seq}
+
+    # ---- users -----------------------------------------------------------------------------------------------
+    USER_COLUMNS = ("username", "printed_name", "role", "sites", "password_hash", "disabled", "failed_signins",
+                    "locked_until", "created_at", "updated_at")
+
+    def add_user(self, *, username: str, printed_name: str, role: str, sites: "builtins.list[str]",
+                 password_hash: str, actor: str) -> None:
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}")
+        if role == "site_monitor" and not sites:
+            raise StoreError("a site monitor needs at least one site (--sites)")
+        if not username.strip() or not printed_name.strip():
+            raise StoreError("a user needs a user name and a printed name")
+        now = _now()
+        with self._tx() as cur:
+            cur.execute("SELECT 1 FROM users WHERE username = ?", (username,))
+            if cur.fetchone():
+                raise StoreError(f"user {username} exists already")
+            cur.execute("INSERT INTO users (username, printed_name, role, sites, password_hash, disabled, "
+                        "failed_signins, locked_until, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 0, 0, NULL, ?, ?)",
+                        (username, printed_name, role, ",".join(sites), password_hash, now, now))
+            self._audit(cur, actor=actor, action="user_added",
+                        data={"username": username, "printed_name": printed_name, "role": role, "sites": sites})
+
+    def get_user(self, username: str) -> dict[str, Any] | None:
+        with self._tx() as cur:
+            cur.execute(f"SELECT {', '.join(self.USER_COLUMNS)} FROM users WHERE username = ?",  # noqa: S608
+                        (username,))
+            row = cur.fetchone()
+        if row is None:
+            return None
+        user = dict(zip(self.USER_COLUMNS, row))
+        user["sites"] = [s for s in (user["sites"] or "").split(",") if s]
+        user["disabled"] = bool(user["disabled"])
+        return user
+
+    def list_users(self) -> "builtins.list[dict[str, Any]]":
+        with self._tx() as cur:
+            cur.execute("SELECT username FROM users ORDER BY username")
+            names = [r[0] for r in cur.fetchall()]
+        return [u for u in (self.get_user(n) for n in names) if u is not None]
+
+    def set_password(self, username: str, *, password_hash: str, actor: str) -> None:
+        with self._tx() as cur:
+            cur.execute("UPDATE users SET password_hash = ?, failed_signins = 0, locked_until = NULL, updated_at = ? "
+                        "WHERE username = ?", (password_hash, _now(), username))
+            cur.execute("SELECT 1 FROM users WHERE username = ?", (username,))
+            if not cur.fetchone():
+                raise StoreError(f"no user {username}")
+            self._audit(cur, actor=actor, action="user_password_set", data={"username": username})
+
+    def disable_user(self, username: str, *, actor: str) -> None:
+        with self._tx() as cur:
+            cur.execute("SELECT 1 FROM users WHERE username = ?", (username,))
+            if not cur.fetchone():
+                raise StoreError(f"no user {username}")
+            cur.execute("UPDATE users SET disabled = 1, updated_at = ? WHERE username = ?", (_now(), username))
+            self._audit(cur, actor=actor, action="user_disabled", data={"username": username})
+
+    def record_signin(self, username: str, *, ok: bool, max_failures: int, lockout_minutes: float,
+                      context: str = "sign-in") -> bool:
+        """Count a failed password (sign-in or signature) or reset the count; returns True when this failure
+        locked the account. Failures that lock are written to the audit trail."""
+        with self._tx() as cur:
+            cur.execute("SELECT failed_signins FROM users WHERE username = ?", (username,))
+            row = cur.fetchone()
+            if row is None:
+                return False
+            if ok:
+                cur.execute("UPDATE users SET failed_signins = 0, locked_until = NULL WHERE username = ?", (username,))
+                return False
+            failures = int(row[0]) + 1
+            locked = failures >= max_failures
+            until = ((dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=lockout_minutes))
+                     .isoformat(timespec="milliseconds") if locked else None)
+            cur.execute("UPDATE users SET failed_signins = ?, locked_until = COALESCE(?, locked_until) "
+                        "WHERE username = ?", (0 if locked else failures, until, username))
+            if locked:
+                self._audit(cur, actor="protocol-monitor", action="user_locked",
+                            data={"username": username, "until": until, "after": f"{failures} failed {context}s"})
+            return locked
 
     # ---- outbox -----------------------------------------------------------------------------------------------
     def due_deliveries(self, *, limit: int = 100) -> "builtins.list[tuple[str, str, str, int]]":
