@@ -244,7 +244,6 @@ class Parameters(_Strict):
     assessment_window_hours: tuple[float, float]
     escalation_window_hours: tuple[float, float]
     dosing_day_early_hours: float
-    eligibility_lab_max_age_hours: float
     eligibility_lab_after_enrollment_hours: float
     endpoint_window_hours: float
     endpoint_late_window_hours: float
@@ -386,11 +385,49 @@ def _closest(word: str, options: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+class ParamValue(float):
+    """A threshold a rule file takes from parameters.yaml (`{param: escalation_ratio}`): the number itself, which
+    also remembers its name, so the rule catalogue and an alert's `rule_condition` show `1.1 (escalation_ratio)`.
+    One number, one place: the rule and the derivation that use it read the same parameter."""
+
+    name: str
+
+    def __new__(cls, value: float, name: str) -> "ParamValue":
+        made = super().__new__(cls, value)
+        made.name = name
+        return made
+
+    def __str__(self) -> str:  # repr stays float's: the engine adapter writes the plain number
+        return f"{float(self)} ({self.name})"
+
+
+def resolve_params(cond: Any, parameters: Any, problems: list[str]) -> Any:
+    """Replace each `{param: name}` in a rule condition by that parameter's number (a dotted name reaches into a
+    section: `temperature.febrile_at_or_above_c`). An unknown or non-numeric name is a problem, not a crash."""
+    if isinstance(cond, dict):
+        if set(cond) == {"param"}:
+            name = cond["param"]
+            value: Any = parameters
+            for part in str(name).split("."):
+                value = getattr(value, part, None) if not isinstance(value, dict) else value.get(part)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                known = sorted(k for k, v in type(parameters).model_fields.items()
+                               if v.annotation in (float, int, "float", "int"))
+                problems.append(f"'param: {name}' is not a number in parameters.yaml{_closest(str(name), known)}")
+                return cond
+            return ParamValue(float(value), str(name))
+        return {k: resolve_params(v, parameters, problems) for k, v in cond.items()}
+    if isinstance(cond, list):
+        return [resolve_params(v, parameters, problems) for v in cond]
+    return cond
+
+
 def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, Any]:
     """Rule-file condition → durable_rules expression on the current message, constants only.
 
     Grammar: a mapping whose entries must all hold; an entry is {field: {op: constant}} with op in
-    eq ne lt lte gt gte in, {field: constant} meaning eq, or a group {all: [c...]} / {any: [c...]}.
+    eq ne lt lte gt gte in, {field: constant} meaning eq, or a group {all: [c...]} / {any: [c...]}. A constant
+    may be `{param: name}`, resolved by `resolve_params` before compiling.
     """
     fields = FACTS[fact].fields
     if not isinstance(cond, dict) or not cond:
@@ -617,6 +654,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
                 other = rules[spec.id]
                 local.append(f"duplicate rule id {spec.id} (first defined at {other.path}:{other.line})")
             definitions: dict[str, dict[str, Any]] = {}
+            resolved: dict[int, Any] = {}  # conditions with their {param: ...} replaced by the numbers in force
             variants = [(spec.fact, spec.when, spec.at, spec.message)] + [
                 (a.fact, a.when, a.at, a.message) for a in spec.alternatives]
             for n, (fact, when, at, message) in enumerate(variants):
@@ -630,7 +668,10 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
                 if isinstance(spec.severity, SeverityMap) and spec.severity.field not in fields:
                     local.append(f"{where}severity field '{spec.severity.field}' is not a field of '{fact}'")
                 cond_problems: list[str] = []
-                expr = compile_condition(when, fact, cond_problems)
+                if parameters is not None:
+                    when = resolve_params(when, parameters, cond_problems)
+                    resolved[n] = when
+                expr = {} if cond_problems else compile_condition(when, fact, cond_problems)
                 local.extend(f"{where}when: {m}" for m in cond_problems)
                 try:
                     message.format_map(_FormatProbe(fields))
@@ -644,6 +685,11 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
             if local:
                 problems.extend((str(p), _problem_line(lines, i, m, line), m) for m in local)
                 continue
+            if resolved:
+                spec = spec.model_copy(update={
+                    "when": resolved.get(0, spec.when),
+                    "alternatives": [a.model_copy(update={"when": resolved.get(k + 1, a.when)})
+                                     for k, a in enumerate(spec.alternatives)]})
             rules[spec.id] = Rule(spec, spec.category or rf.category, str(p), line, definitions)
     if problems:
         raise RuleFileError(problems)
