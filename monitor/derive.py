@@ -21,7 +21,7 @@ from monitor import normalise as nm
 from monitor.errors import EvaluationError
 from monitor.events import ConcomitantMedication, DrugAdministration, Enrollment, LabResult, VitalSign
 from monitor.facts import Fact
-from monitor.rules import Parameters, Tables
+from monitor.rules import LadderStep, Parameters, Tables
 
 H = dt.timedelta(hours=1)
 
@@ -102,7 +102,7 @@ class SubjectView:
         for e in self.ev.get("drug_administration", []):
             if self.arm == "anakinra" and self.is_anakinra(e) and e.study_drug:
                 return e
-            if self.arm == "ivig" and self.is_ivig(e) and (e.purpose or "") == "study_treatment_retreatment":
+            if self.arm == "ivig" and self.is_ivig(e) and (e.purpose or "") in self.p.ivig_retreatment_purposes:
                 return e
         return None
 
@@ -548,7 +548,7 @@ class Deriver:
         """Study treatment of the subject's own arm; a non-study anakinra dose before T0 is prior biotherapy."""
         on_study = e.study_drug or (v.t0 is not None and e.occurred_at >= v.t0)
         return (v.arm == "anakinra" and v.is_anakinra(e) and on_study) or (
-            v.arm == "ivig" and v.is_ivig(e) and (e.purpose or "") == "study_treatment_retreatment")
+            v.arm == "ivig" and v.is_ivig(e) and (e.purpose or "") in self.p.ivig_retreatment_purposes)
 
     def _restricted_end(self, v: SubjectView) -> dt.datetime | None:
         """End of the on-treatment period (A-15): end of dosing day 14 (anakinra), T0 + 48 h (IVIG)."""
@@ -728,7 +728,7 @@ class Deriver:
                             "fever_window": [_iso(start), _iso(v.t0)]})
         if v.arm == "ivig" and v.t0_event is not None:
             course = [e for e in v.ev.get("drug_administration", [])
-                      if v.is_ivig(e) and (e.purpose or "") == "study_treatment_retreatment"]
+                      if v.is_ivig(e) and (e.purpose or "") in self.p.ivig_retreatment_purposes]
             yield Fact("ivig_course", "retreatment",
                        {"at": _iso(v.t0), "course": "retreatment", "g_per_kg": self._g_per_kg(v, course),
                         "arm": v.arm}, {"events": [e.event_id for e in course]})
@@ -962,8 +962,9 @@ class Deriver:
         day 2 (`unknown` without a reading in the assessment window: no verdict), and from day 3 on a febrile
         reading in [dose - 24 h, dose], both ends included (A-23.7). From day 3 an empty window is `afebrile`:
         no reading is no febrile reading (A-23.2); `unknown` belongs to the H12/H24 assessments only."""
-        if day == 1 or day == 2:
-            r = v.assessment_at(v.hx(12 if day == 1 else 24))
+        step = next((s for s in self.p.ladder_steps if s.dosing_day == day), None)
+        if step is not None:  # a ladder day: the step's assessment (H12 on day 1, H24 on day 2)
+            r = v.assessment_at(v.hx(step.hours))
             if r is None:
                 return "unknown"
             return "febrile" if v.febrile(r) else "afebrile"
@@ -999,17 +1000,17 @@ class Deriver:
             return
         lo, hi = self.p.escalation_window_hours
         weight_known = v.weight_at(v.t0)[0] is not None or any(d.mg_per_kg is not None for d in v.anakinra_doses)
-        for step, hours in (("H12", 12), ("H24", 24)):
-            hx = v.hx(hours)
+        for ladder in self.p.ladder_steps:  # H12, H24 (parameters.yaml ladder_steps)
+            step, hx = ladder.name, v.hx(ladder.hours)
             if not deadline(hx + hi * H):
                 continue
             r = v.assessment_at(hx)
             if r is None:
                 continue
-            if step == "H12":
-                given = self._h12_supplement(v)
+            if ladder.given == "supplement":
+                given = self._supplement(v, ladder)
             else:
-                given = [d for d in v.anakinra_doses if v.dosing_day(d.at) == 2 and d.at <= hx + hi * H]
+                given = [d for d in v.anakinra_doses if v.dosing_day(d.at) == ladder.dosing_day and d.at <= hx + hi * H]
             amount = None if any(d.mg_per_kg is None for d in given) else sum(d.mg_per_kg for d in given)  # type: ignore[misc]
             yield Fact("ladder_step", step,
                        {"at": _iso(hx + hi * H), "step": step, "febrile": v.febrile(r), "assessed_c": r.corrected_c,
@@ -1025,8 +1026,8 @@ class Deriver:
             return
         lo, hi = self.p.assessment_window_hours
         if v.arm == "anakinra":
-            for step, hours in (("H12", 12), ("H24", 24)):
-                hx = v.hx(hours)
+            for ladder in self.p.ladder_steps:
+                step, hx = ladder.name, v.hx(ladder.hours)
                 if not deadline(hx + hi * H):
                     continue
                 n = len(v.readings_in(hx + lo * H, hx + hi * H))
@@ -1046,12 +1047,13 @@ class Deriver:
                         "window_end": _iso(end)},
                        {"events": [v.t0_id, *[r.event_id for r in late]], "t0": _iso(v.t0)})
 
-    def _h12_supplement(self, v: SubjectView) -> list[Dose]:
-        """The H12 supplement (A-1, A-18): anakinra after the first dose, on dosing day 1, inside the escalation
-        window [H12 - 1 h, H12 + 3 h]; several injections when it is split."""
+    def _supplement(self, v: SubjectView, step: LadderStep) -> list[Dose]:
+        """A supplement step's doses (the H12 supplement, A-1, A-18): anakinra after the first dose, on the step's
+        dosing day, inside the escalation window [Hx - 1 h, Hx + 3 h]; several injections when it is split."""
         lo, hi = self.p.escalation_window_hours
-        h12 = v.hx(12)
-        return [d for d in v.anakinra_doses[1:] if h12 + lo * H <= d.at <= h12 + hi * H and v.dosing_day(d.at) == 1]
+        hx = v.hx(step.hours)
+        return [d for d in v.anakinra_doses[1:]
+                if hx + lo * H <= d.at <= hx + hi * H and v.dosing_day(d.at) == step.dosing_day]
 
     def _last_escalation(self, v: SubjectView) -> Dose | None:
         """A′ (A-6, A-23.4): the last administration of the initial-ladder escalation, which is
@@ -1068,14 +1070,19 @@ class Deriver:
         if not doses:
             return None
         ratio, start = self.p.escalation_ratio, self.p.ladder_base_mg_per_kg
-        l1, l2 = v.day_levels.get(1), v.day_levels.get(2)  # None when a dose of the day has no mg/kg
-        if l1 is not None and l2 is not None and l2 > max(start, l1) * ratio + nm.TOLERANCE:
-            return [d for d in doses if v.dosing_day(d.at) == 2][-1]
-        supplement = self._h12_supplement(v)
-        if supplement:
-            upto = [d.mg_per_kg for d in doses if v.dosing_day(d.at) == 1 and d.at <= supplement[-1].at]
-            if None not in upto and sum(upto) > start * ratio + nm.TOLERANCE:  # type: ignore[arg-type]
-                return supplement[-1]
+        for step in reversed(self.p.ladder_steps):  # the latest step that escalated holds A'
+            if step.given == "day_total":
+                prev = v.day_levels.get(step.dosing_day - 1) if step.dosing_day > 1 else start
+                level = v.day_levels.get(step.dosing_day)  # None when a dose of the day has no mg/kg
+                if prev is not None and level is not None and level > max(start, prev) * ratio + nm.TOLERANCE:
+                    return [d for d in doses if v.dosing_day(d.at) == step.dosing_day][-1]
+            else:
+                supplement = self._supplement(v, step)
+                if supplement:
+                    upto = [d.mg_per_kg for d in doses
+                            if v.dosing_day(d.at) == step.dosing_day and d.at <= supplement[-1].at]
+                    if None not in upto and sum(upto) > start * ratio + nm.TOLERANCE:  # type: ignore[arg-type]
+                        return supplement[-1]
         return None
 
     def _endpoints(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:

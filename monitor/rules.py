@@ -230,6 +230,17 @@ class SafetyParams(_Strict):
     sae_report_hours: float
 
 
+class LadderStep(_Strict):
+    """One step of the anakinra escalation ladder (A-1, A-18): fever is assessed at T0 + `hours`; if febrile, the
+    escalation judged is either a `supplement` given on `dosing_day` inside the escalation window around the step,
+    or the `day_total` of `dosing_day` given by the end of that window."""
+
+    name: str = Field(min_length=1)
+    hours: float = Field(gt=0)
+    given: Literal["supplement", "day_total"]
+    dosing_day: int = Field(ge=1)
+
+
 class Parameters(_Strict):
     """Numbers and windows the derived facts are computed with (rules/parameters.yaml)."""
 
@@ -267,6 +278,8 @@ class Parameters(_Strict):
     rescue_names: list[str]
     escalation_ratio: float
     ladder_base_mg_per_kg: float
+    ladder_steps: list[LadderStep] = Field(min_length=1)
+    ivig_retreatment_purposes: list[str] = Field(min_length=1)
     rescue_for_sae_words: list[str]
     antipyretic_atc_prefixes: list[str]
     antipyretic_names: list[str]

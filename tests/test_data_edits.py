@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 
 import pytest
@@ -107,3 +108,51 @@ def test_an_unknown_parameter_in_a_rule_is_refused_with_file_and_line(rules_copy
     (where, line, message), = caught.value.problems
     assert where.endswith("dosing.yaml") and line is not None
     assert "escalaton_ratio" in message and "did you mean 'escalation_ratio'" in message
+
+
+SCENARIO_04 = SHARED / "scenarios" / "04_missed_escalation_h12.jsonl"
+SCENARIO_43 = SHARED / "scenarios" / "43_missing_h12_temperature.jsonl"
+SCENARIO_39 = SHARED / "scenarios" / "39_ivig_retreatment_dose_error.jsonl"
+
+
+def _alerts(path, rules, tmp_path, prefix=("DOSE-H12", "FEVER-ASSESSMENT")):
+    header, events = load_scenario(path)
+    alerts = final_alerts(run_events(events, until=header["evaluation_horizon"], rules=rules, tmp_path=tmp_path)[0])
+    return sorted((a.rule, dt.datetime.fromisoformat(a.at)) for a in alerts if a.rule.startswith(prefix))
+
+
+@pytest.mark.skipif(not SCENARIO_04.is_file(), reason="published scenarios not found")
+def test_moving_h12_to_h10_is_a_parameter_edit_that_moves_the_alerts(rules_copy, tmp_path):
+    """ladder_steps in parameters.yaml: the H12 step at T0 + 10 h judges the reading closest to H10 and fires at
+    H10 + 3 h, two hours earlier; a subject with no reading near H12 but one near H10 becomes assessable."""
+    path = rules_copy / "parameters.yaml"
+    path.write_text(path.read_text().replace("{name: H12, hours: 12,", "{name: H12, hours: 10,"))
+    edited = load_rules(rules_copy)
+    before = _alerts(SCENARIO_04, load_rules(), tmp_path)
+    after = _alerts(SCENARIO_04, edited, tmp_path)
+    assert [r for r, _ in before] == [r for r, _ in after] == ["DOSE-H12-MISSED-ESCALATION"]
+    assert before[0][1] - after[0][1] == dt.timedelta(hours=2)
+    assert [r for r, _ in _alerts(SCENARIO_43, load_rules(), tmp_path)] == ["FEVER-ASSESSMENT-MISSING"]
+    assert [r for r, _ in _alerts(SCENARIO_43, edited, tmp_path)] == ["DOSE-H12-MISSED-ESCALATION"]
+
+
+@pytest.mark.skipif(not SCENARIO_39.is_file(), reason="published scenarios not found")
+def test_how_the_ivig_arm_t0_is_identified_is_a_parameter(rules_copy, tmp_path):
+    """A site that codes the retreatment purpose differently: with the code added to ivig_retreatment_purposes
+    the subject's alerts are those of the published coding; without it the subject has no T0 and they differ."""
+    header, events = load_scenario(SCENARIO_39)
+    recoded = [dict(e, purpose="retraitement_ivig") if e.get("purpose") == "study_treatment_retreatment" else e
+               for e in events]
+    assert recoded != events
+
+    def run(evts, rules):
+        alerts = run_events(evts, until=header["evaluation_horizon"], rules=rules, tmp_path=tmp_path)[0]
+        return sorted((a.rule, a.at) for a in final_alerts(alerts))
+
+    published = run(events, load_rules())
+    assert run(recoded, load_rules()) != published
+    path = rules_copy / "parameters.yaml"
+    path.write_text(path.read_text().replace("ivig_retreatment_purposes: [study_treatment_retreatment]",
+                                             "ivig_retreatment_purposes: [study_treatment_retreatment, "
+                                             "retraitement_ivig]"))
+    assert run(recoded, load_rules(rules_copy)) == published
