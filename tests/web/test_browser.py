@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(DRIVER).exists()) and not os.environ.get("CI"),
     reason="chromium and chromium-driver are not installed (Debian packages; .ci/run installs them)")
 
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException, StaleElementReferenceException, TimeoutException)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -107,7 +108,10 @@ def sign_in(driver, base: str, username: str, password: str | None = None) -> No
 
 
 def wait(driver, condition, timeout: float = 20):
-    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+    """Poll until `condition` holds; an element read while the page is being replaced (a form just posted) is
+    looked up again at the next poll instead of failing the test."""
+    return WebDriverWait(driver, timeout, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(lambda d: condition(d))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
