@@ -123,7 +123,12 @@ class Monitor:
             undo[subject_id][3].append(outcome)
             if outcome in (Applied.NEW, Applied.AMENDED):
                 touched.add(subject_id)
-        return self._evaluate(touched | set(self.deadlines.pop_due(self.clock.now())), undo)
+        alerts = self._evaluate(touched | set(self.deadlines.pop_due(self.clock.now())), undo)
+        for subject_id in undo:  # kept (a failed subject was restored, which closed its log already)
+            state = self.subjects.get(subject_id)
+            if state is not None:
+                state.commit()
+        return alerts
 
     def load(self, item: tuple[Any, ...]) -> bool:
         """Apply one (event, payload[, origin]) to its subject's history without evaluating anything; True if it
@@ -230,6 +235,7 @@ class Monitor:
                 self.subjects[subject_id].events[st.event.event_id].first_recorded_at = st.first_recorded_at
             try:
                 self._derive_and_sync(subject_id)
+                self.subjects[subject_id].commit()
             except Exception:
                 left_out += len(group)
                 if checkpoint is None:

@@ -49,10 +49,11 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """What `SubjectState.restore` needs to undo a batch: the event versions and scalars as they were.
-    Stored versions are never changed in place and `_by_type` is copy-on-write, so references suffice."""
+    """What `SubjectState.restore` needs to undo a batch: the scalars as they were, and an undo log of the event
+    versions the batch replaced (event_id, previous version or None), filled by `apply` while the checkpoint is
+    open. Stored versions are never changed in place and `_by_type` is copy-on-write, so references suffice."""
 
-    events: dict[str, Stored]
+    undo: list[tuple[str, "Stored | None"]]
     site_id: str
     arm: str | None
     seq: int
@@ -72,6 +73,7 @@ class SubjectState:
     memo: dict[str, Any] = field(default_factory=dict)  # the deriver's cache for this subject
     changed: set[str] = field(default_factory=set)  # input kinds changed since the last evaluation
     _by_type: dict[str, list[Any]] | None = None
+    _undo: list[tuple[str, Stored | None]] | None = None  # open checkpoint's undo log
 
     def apply(self, event: Event, canonical: str, origin: dict[str, Any] | None = None) -> Applied:
         held = self.events.get(event.event_id)
@@ -81,6 +83,8 @@ class SubjectState:
                 return Applied.DUPLICATE
             if event.recorded_at < held.event.recorded_at:
                 return Applied.SUPERSEDED
+        if self._undo is not None:
+            self._undo.append((event.event_id, held))
         first = held.first_recorded_at if held is not None else event.recorded_at
         if held is not None and event.recorded_at < first:
             first = event.recorded_at
@@ -101,14 +105,24 @@ class SubjectState:
         return Applied.AMENDED if held is not None else Applied.NEW
 
     def checkpoint(self) -> Checkpoint:
-        """The state before a batch, so a batch whose evaluation fails can be undone exactly."""
-        return Checkpoint(dict(self.events), self.site_id, self.arm, self._seq, self._by_type,
-                          frozenset(self.changed))
+        """Open an undo log before a batch, so a batch whose evaluation fails can be undone exactly. Close it with
+        `commit` (kept) or `restore` (undone)."""
+        self._undo = []
+        return Checkpoint(self._undo, self.site_id, self.arm, self._seq, self._by_type, frozenset(self.changed))
+
+    def commit(self) -> None:
+        """The batch is kept: close the undo log."""
+        self._undo = None
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Undo everything applied since `checkpoint`. The derivation memo is a cache that may hold results of the
         undone batch, so it is emptied: the next evaluation recomputes from the events."""
-        self.events = dict(checkpoint.events)
+        for event_id, previous in reversed(checkpoint.undo):
+            if previous is None:
+                self.events.pop(event_id, None)
+            else:
+                self.events[event_id] = previous
+        self._undo = None
         self.site_id = checkpoint.site_id
         self.arm = checkpoint.arm
         self._seq = checkpoint.seq
