@@ -337,3 +337,29 @@ def test_two_instances_one_killed_end_as_a_clean_run(broker, cohort, tmp_path):
         finally:
             survivor.stop()
     assert records is not None
+
+
+def test_the_alerts_topic_is_read_back_to_its_real_end(broker):
+    """A probe of the old read-back missed 10 of 510 records: it stopped at ListOffsets, which Tansu answers with
+    the last batch's first offset + 1 when a batch holds several records."""
+    from connectors.kafka_alerts import published_alerts
+    from monitor.config import Settings
+
+    topics = _topics("readback")
+    create_topics(broker.bootstrap, {topics["alerts"]: 3})
+    records = []
+    for i in range(510):
+        alert = {"alert_id": f"a{i:04d}", "status": "raised" if i % 3 else "retracted", "subject_id": f"S{i % 17}"}
+        records.append((alert["subject_id"].encode(), json.dumps(alert).encode()))
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=20, batch_size=256_000)
+    for key, value in records:
+        alert = json.loads(value)
+        producer.send(topics["alerts"], key=key, value=value,
+                      headers=[("alert_id", alert["alert_id"].encode()), ("status", alert["status"].encode())])
+    producer.flush()
+    producer.close()
+    seen = published_alerts(settings=Settings(bootstrap_servers=broker.bootstrap, alerts_topic=topics["alerts"]))
+    assert len(seen) == 510
+    assert sum(len(pairs) for pairs in seen.by_subject.values()) == 510
