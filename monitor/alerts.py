@@ -106,7 +106,11 @@ class AlertBook:
             except Exception as exc:
                 raise EvaluationError(f"alert for rule {rule_id} on {fact.name}", exc) from exc
         for aid, alert in unclaimed.items():
-            book.setdefault((alert.rule, f"published:{aid}"), alert)
+            # Deferred (a later record may claim it) only if it was raised at or after the rebuild's boundary time:
+            # then the previous owner raised it in records past its last commit, which are read next. One raised
+            # before is stale for the state at the boundary: withdrawn now, as it was by the clean run.
+            later = settling and _at_or_after(alert.detected_at, detected_at)
+            book.setdefault((alert.rule, f"{'published' if later else 'stale'}:{aid}"), alert)
         self._open[subject_id] = book
         if settling:
             self._settling.add(subject_id)
@@ -176,6 +180,15 @@ class AlertBook:
         the topic that no match claimed are withdrawn at its next `reconcile`. True if there are any."""
         self._settling.discard(subject_id)
         return any(k[1].startswith("published:") for k in self._open.get(subject_id, {}))
+
+
+def _at_or_after(a: str, b: str) -> bool:
+    try:
+        import datetime as dt
+
+        return dt.datetime.fromisoformat(a) >= dt.datetime.fromisoformat(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def make_alert(*, rule: Rule, fact: Fact, subject_id: str, site_id: str, alert_id: str, detected_at: str,

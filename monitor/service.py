@@ -212,9 +212,11 @@ class MonitorService:
         boundary = self.state.bulk_until.pop(tp)
         started = time.monotonic()
         subjects = self.state.subjects_by_partition.get(tp, set())
-        # the records up to the rebuild's end may have been processed (and their alerts published) by the previous
-        # owner: its open alerts that no match claims yet are withdrawn only once they are read
-        settling = True
+        # Open alerts on the topic that the state at the boundary does not claim are withdrawn now. Deferring them
+        # until the records the previous owner may have processed are read (`settling`, claimed by a later match)
+        # joined two occurrences when the boundary state and the previous owner's differed (a batch split across
+        # polls): test_faults' restart then ended with ids a clean run does not have. Kept off.
+        settling = False
         self._settle_at[tp] = max(boundary, self.state.rebuild_until.get(tp, 0))
         published = self._read_back if self._read_back is not None else self.published
         alerts = self.monitor.evaluate_rebuilt(subjects, published=published, open_alerts=self._open_published,
