@@ -81,8 +81,9 @@ def test_burst_to_three_partitions_withdraws_nothing_the_file_replay_does_not(br
         assert wait_until_consumed(broker.bootstrap, group, topics["events"], timeout_s=300), (
             (tmp_path / "service.log").read_text()[-3000:])
         # the partitions that finished first follow the most advanced one once idle: then the final set is complete
-        messages = read_topic(broker.bootstrap, topics["alerts"], timeout_s=120, until=lambda m: {
-            r["alert_id"] for r in final_pairs(alert_records(m))} == want_final)
+        want_open = Counter((r["rule"], r["subject_id"], r["at"]) for r in final_pairs(want))
+        messages = read_topic(broker.bootstrap, topics["alerts"], timeout_s=120, until=lambda m: Counter(
+            (r["rule"], r["subject_id"], r["at"]) for r in final_pairs(alert_records(m))) == want_open)
     finally:
         assert service.stop() == 0, (tmp_path / "service.log").read_text()[-3000:]
     records = alert_records(messages)
@@ -213,19 +214,22 @@ def _finish_and_check(broker, topics, group, log, want, watch, extra_env=None, r
 
     service = running or ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=log,
                                         extra=STREAM, env={**QUICK_IDLE, **(extra_env or {})}).start()
-    want_final = {r["alert_id"] for r in final_pairs(want)}
     try:
         assert wait_until_consumed(broker.bootstrap, group, topics["events"], timeout_s=400), log.read_text()[-3000:]
-        messages = read_topic(broker.bootstrap, topics["alerts"], timeout_s=120, until=lambda m: {
-            r["alert_id"] for r in final_pairs(alert_records(m))} == want_final)
+        want_open = Counter((r["rule"], r["subject_id"], r["at"]) for r in final_pairs(want))
+        messages = read_topic(broker.bootstrap, topics["alerts"], timeout_s=120, until=lambda m: Counter(
+            (r["rule"], r["subject_id"], r["at"]) for r in final_pairs(alert_records(m))) == want_open)
     finally:
         assert service.stop(signal.SIGTERM) == 0, log.read_text()[-3000:]
     records = alert_records(messages)
     twice = [k for k, n in Counter((r["alert_id"], r["status"]) for r in records).items() if n > 1]
     assert not twice, f"published more than once: {twice[:5]}"
-    got = {r["alert_id"] for r in final_pairs(records)}
-    assert got == want_final, (f"missing {sorted((r['rule'], r['subject_id'], r['at']) for r in final_pairs(want) if r['alert_id'] not in got)[:5]}, "
-                               f"extra {sorted((r['rule'], r['subject_id'], r['at']) for r in final_pairs(records) if r['alert_id'] not in want_final)[:5]}")
+    # The same final set as the clean run, condition by condition. Not always id by id: alerts a killed owner
+    # published past its last commit that its successor's state at the committed offset does not hold are
+    # withdrawn and raised again under a new occurrence id (README, limits of the guarantees).
+    got = Counter((r["rule"], r["subject_id"], r["at"]) for r in final_pairs(records))
+    clean = Counter((r["rule"], r["subject_id"], r["at"]) for r in final_pairs(want))
+    assert got == clean, f"missing {sorted((clean - got).elements())[:5]}, extra {sorted((got - clean).elements())[:5]}"
     assert not watch.backwards(), f"offsets committed backwards: {watch.backwards()}"
     return records
 
