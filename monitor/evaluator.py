@@ -181,10 +181,7 @@ class Monitor:
             if state is not None:
                 state.memo = {}
             self.deadlines.set(subject_id, None)
-        try:
-            self.engine.release(subject_id)  # its facts are asserted again at its next evaluation
-        except Exception:
-            self.engine.discard(subject_id)
+        self._release(subject_id)  # its facts are asserted again at its next evaluation
         self.stats.events["evaluation_error"] += len(items)
         cause = error.cause
         detail = (f"{error.stage} raised {type(cause).__name__}: {str(cause)[:200]}".replace(subject_id, "<subject>")
@@ -264,6 +261,7 @@ class Monitor:
             return []
 
     def _release(self, subject_id: str) -> None:
+        """Empty the subject's engine session; if the engine fails at that, never hand the session on."""
         try:
             self.engine.release(subject_id)
         except Exception:
