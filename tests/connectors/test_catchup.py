@@ -81,7 +81,7 @@ def test_burst_to_three_partitions_withdraws_nothing_the_file_replay_does_not(br
         assert wait_until_consumed(broker.bootstrap, group, topics["events"], timeout_s=300), (
             (tmp_path / "service.log").read_text()[-3000:])
         # the partitions that finished first follow the most advanced one once idle: then the final set is complete
-        want_open = Counter((r["rule"], r["subject_id"], r["at"]) for r in final_pairs(want))
+        want_open = Counter((r["rule"], r["subject_id"], r["at"]) for r in final_pairs(replayed))
         messages = read_topic(broker.bootstrap, topics["alerts"], timeout_s=120, until=lambda m: Counter(
             (r["rule"], r["subject_id"], r["at"]) for r in final_pairs(alert_records(m))) == want_open)
     finally:
@@ -261,7 +261,6 @@ def _wait_for_log(log, text: str, count: int, timeout_s: float = 120.0) -> None:
 def test_sigterm_restarts_with_small_polls_end_as_a_clean_run(broker, cohort, tmp_path):
     """Issue 16: a SIGTERM restart with poll_max_records=7 republished 143 records and lost 143 open alerts."""
     import signal
-    import time
 
     events, want = cohort
     topics = _topics("term")

@@ -24,7 +24,7 @@ from monitor.evaluator import Monitor
 from monitor.events import decode, parse_event
 from monitor.generate import generate
 from monitor.replay import replay
-from monitor.rules import RuleSet, load_rules
+from monitor.rules import RuleSet
 from tests.conftest import SCENARIOS, final_alerts, load_scenario
 
 
