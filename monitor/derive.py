@@ -24,6 +24,9 @@ from monitor.facts import Fact
 from monitor.rules import LadderStep, Parameters, Tables
 
 H = dt.timedelta(hours=1)
+HOURS_PER_DAY = 24  # a dosing day and a washout day are calendar lengths, not protocol choices
+MG_PER_G = 1000.0
+EVIDENCE_HOURS = 6  # readings shown around an assessment hour in its evidence (display only)
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -90,19 +93,29 @@ class SubjectView:
         return items[-1] if items else None
 
     def is_anakinra(self, e: DrugAdministration | ConcomitantMedication) -> bool:
-        return (e.atc or "") in self.p.anakinra_atc or "anakinra" in e.drug.lower() or "kineret" in e.drug.lower()
+        name = e.drug.lower()
+        return (e.atc or "") in self.p.anakinra_atc or any(n in name for n in self.p.study_drug_names.anakinra)
 
     def is_ivig(self, e: DrugAdministration | ConcomitantMedication) -> bool:
         name = e.drug.lower()
-        return (e.atc or "") in self.p.ivig_atc or "ivig" in name or "immunoglobulin" in name
+        return (e.atc or "") in self.p.ivig_atc or any(n in name for n in self.p.study_drug_names.ivig)
+
+    @property
+    def on_anakinra(self) -> bool:
+        """In the anakinra arm (parameters.yaml `arms`): T0 is its first study-drug anakinra; the ladder applies."""
+        return self.arm is not None and self.arm == self.p.arms.anakinra
+
+    @property
+    def on_ivig(self) -> bool:
+        return self.arm is not None and self.arm == self.p.arms.ivig
 
     @cached_property
     def t0_event(self) -> DrugAdministration | None:
         """First study-drug administration (§2.1): anakinra (study_drug) or the start of the IVIG retreatment."""
         for e in self.ev.get("drug_administration", []):
-            if self.arm == "anakinra" and self.is_anakinra(e) and e.study_drug:
+            if self.on_anakinra and self.is_anakinra(e) and e.study_drug:
                 return e
-            if self.arm == "ivig" and self.is_ivig(e) and (e.purpose or "") in self.p.ivig_retreatment_purposes:
+            if self.on_ivig and self.is_ivig(e) and (e.purpose or "") in self.p.ivig_retreatment_purposes:
                 return e
         return None
 
@@ -210,7 +223,7 @@ class SubjectView:
     @cached_property
     def anakinra_doses(self) -> list[Dose]:
         """Anakinra given in the anakinra arm from the start of dosing day 1."""
-        if self.arm != "anakinra" or self.t0 is None:
+        if not self.on_anakinra or self.t0 is None:
             return []
         start = self.t0 - self.p.dosing_day_early_hours * H
         return [self.dose_mg_per_kg(e) for e in self.ev.get("drug_administration", [])
@@ -439,7 +452,7 @@ class Deriver:
                 evidence.update(creatinine_mg_dl=value, height_cm=height, height_source=hsource)
                 yield Fact("baseline_lab", "eGFR",
                            {**base, "analyte": "eGFR", "value": egfr, "unit": "mL/min/1.73m2",
-                            "egfr_method_validated": age_months >= 12}, evidence)
+                            "egfr_method_validated": age_months >= self.p.schwartz_validated_from_months}, evidence)
             else:
                 unit = {"ANC": "10^9/L", "INR": "{INR}", "PT": "%"}[analyte]
                 yield Fact("baseline_lab", analyte, {**base, "analyte": analyte, "value": value, "unit": unit},
@@ -534,7 +547,7 @@ class Deriver:
                 if cls["immuno"] is not None and t0 is not None:
                     entry = cls["immuno"]
                     washout = max(self.t.immunosuppressants.washout_half_lives * entry.half_life_hours,
-                                  (entry.minimum_washout_days or 0) * 24)
+                                  (entry.minimum_washout_days or 0) * HOURS_PER_DAY)
                     last_at = t0 if last is None or last > t0 else last
                     values["washout_hours"] = washout
                     values["washout_remaining_hours"] = washout - nm.hours_between(last_at, t0)
@@ -547,15 +560,15 @@ class Deriver:
     def is_study_drug(self, v: SubjectView, e: DrugAdministration) -> bool:
         """Study treatment of the subject's own arm; a non-study anakinra dose before T0 is prior biotherapy."""
         on_study = e.study_drug or (v.t0 is not None and e.occurred_at >= v.t0)
-        return (v.arm == "anakinra" and v.is_anakinra(e) and on_study) or (
-            v.arm == "ivig" and v.is_ivig(e) and (e.purpose or "") in self.p.ivig_retreatment_purposes)
+        return (v.on_anakinra and v.is_anakinra(e) and on_study) or (
+            v.on_ivig and v.is_ivig(e) and (e.purpose or "") in self.p.ivig_retreatment_purposes)
 
     def _restricted_end(self, v: SubjectView) -> dt.datetime | None:
         """End of the on-treatment period (A-15): end of dosing day 14 (anakinra), T0 + 48 h (IVIG)."""
         if v.t0 is None:
             return None
-        if v.arm == "anakinra":
-            return v.hx(24 * (self.p.treatment_days - 1) + 24 - self.p.dosing_day_early_hours)
+        if v.on_anakinra:
+            return v.hx(HOURS_PER_DAY * self.p.treatment_days - self.p.dosing_day_early_hours)
         return v.hx(self.p.ivig_arm_restricted_hours)
 
     def _vaccines(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
@@ -563,7 +576,7 @@ class Deriver:
         live_table = self.t.live_vaccines
         enr_date = nm.local_date(enr.occurred_at, v.zone) if enr is not None else None
         limit = nm.add_months(enr_date, -self.p.live_vaccine_lookback_months) if enr_date is not None else None
-        treatment_end = self._restricted_end(v) if v.arm == "anakinra" else None
+        treatment_end = self._restricted_end(v) if v.on_anakinra else None
         for e in v.ev.get("immunization", []):
             code = (e.atc or "").upper()
             live = bool(e.live_attenuated) or code in {c.upper() for c in live_table.atc} or any(
@@ -628,13 +641,13 @@ class Deriver:
         enr = v.enrollment
         randomised = enr is not None and start >= enr.occurred_at
         if source == "drug_administration":
-            out["other_arm_study_drug"] = v.arm == "ivig" and v.is_anakinra(e) and (
+            out["other_arm_study_drug"] = v.on_ivig and v.is_anakinra(e) and (
                 randomised or (v.t0 is not None and start >= v.t0))
         if v.t0 is not None and start >= v.t0:
             routes = {r.lower() for r in p.systemic_routes}
             rescue = (self._matches(e.drug, e.atc, p.rescue_atc_prefixes, p.rescue_names)
                       and (e.route or "").strip().lower() in routes) or (
-                v.arm == "anakinra" and source == "drug_administration" and v.is_ivig(e))
+                v.on_anakinra and source == "drug_administration" and v.is_ivig(e))
             verdict = self._verdict_time(v)
             purpose = (getattr(e, "purpose", None) or getattr(e, "indication", None) or "").lower()
             out.update(rescue=rescue, before_verdict=verdict is not None and start < verdict,
@@ -701,7 +714,7 @@ class Deriver:
                 total += e.dose_g_per_kg
             elif e.dose_g is not None or e.dose_mg is not None:
                 weight, _ = v.weight_at(e.occurred_at, e.weight_kg)
-                grams = e.dose_g if e.dose_g is not None else e.dose_mg / 1000.0  # type: ignore[operator]
+                grams = e.dose_g if e.dose_g is not None else e.dose_mg / MG_PER_G  # type: ignore[operator]
                 if not weight:
                     return None
                 total += grams / weight
@@ -726,7 +739,7 @@ class Deriver:
                             "hours_e1_to_t0": nm.hours_between(e1, v.t0), "e1_at": _iso(e1)},
                            {"events": [*(e.event_id for e in first), *(r.event_id for r in febrile[:3]), v.t0_id],
                             "fever_window": [_iso(start), _iso(v.t0)]})
-        if v.arm == "ivig" and v.t0_event is not None:
+        if v.on_ivig and v.t0_event is not None:
             course = [e for e in v.ev.get("drug_administration", [])
                       if v.is_ivig(e) and (e.purpose or "") in self.p.ivig_retreatment_purposes]
             yield Fact("ivig_course", "retreatment",
@@ -760,21 +773,21 @@ class Deriver:
         routes = {r.lower() for r in p.systemic_routes}
         return (self._matches(e.drug, e.atc, p.rescue_atc_prefixes, p.rescue_names)
                 and (e.route or "").strip().lower() in routes) or (
-            v.arm == "anakinra" and source == "drug_administration" and v.is_ivig(e))
+            v.on_anakinra and source == "drug_administration" and v.is_ivig(e))
 
     def _treatment_days(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
-        if v.arm != "anakinra" or v.t0 is None:
+        if not v.on_anakinra or v.t0 is None:
             return
         days: dict[int, list[Dose]] = {}
         for d in v.anakinra_doses:
             days.setdefault(v.dosing_day(d.at), []).append(d)
         stopped = self._discontinuation(v)
         for day in range(1, self.p.treatment_days + 1):
-            end = v.hx(24 * (day - 1) + 24 - self.p.dosing_day_early_hours)
+            end = v.hx(HOURS_PER_DAY * day - self.p.dosing_day_early_hours)
             if not deadline(end):
                 continue
             given = days.get(day, [])
-            start = v.hx(24 * (day - 1) - self.p.dosing_day_early_hours)
+            start = v.hx(HOURS_PER_DAY * (day - 1) - self.p.dosing_day_early_hours)
             yield Fact("treatment_day", str(day),
                        {"at": _iso(end), "day": float(day), "doses": float(len(given)),
                         # A-23.3: a discontinuation excuses only the days whose window starts after it
@@ -985,7 +998,7 @@ class Deriver:
             if after is None or before is None:
                 continue
             previous = [lv for dd, lv in sorted(levels.items()) if dd < day and lv is not None]
-            start = self.p.ladder_base_mg_per_kg
+            start = self.p.dosing.start_mg_per_kg
             base = start if day <= 1 or not previous else max(start, previous[-1])
             yield Fact("anakinra_dose", d.event_id,
                        {"at": _iso(d.at), "dosing_day": float(day), "dose_mg_per_kg": d.mg_per_kg,
@@ -996,7 +1009,7 @@ class Deriver:
                        {"events": [d.event_id], "raw_dose": d.raw})
 
     def _ladder(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
-        if v.arm != "anakinra" or v.t0 is None:
+        if not v.on_anakinra or v.t0 is None:
             return
         lo, hi = self.p.escalation_window_hours
         weight_known = v.weight_at(v.t0)[0] is not None or any(d.mg_per_kg is not None for d in v.anakinra_doses)
@@ -1012,10 +1025,14 @@ class Deriver:
             else:
                 given = [d for d in v.anakinra_doses if v.dosing_day(d.at) == ladder.dosing_day and d.at <= hx + hi * H]
             amount = None if any(d.mg_per_kg is None for d in given) else sum(d.mg_per_kg for d in given)  # type: ignore[misc]
+            previous = v.day_levels.get(ladder.dosing_day - 1)
+            required = ladder.required_mg_per_kg(previous)
             yield Fact("ladder_step", step,
                        {"at": _iso(hx + hi * H), "step": step, "febrile": v.febrile(r), "assessed_c": r.corrected_c,
                         "assessed_at": _iso(r.at), "given_mg_per_kg": amount, "doses_in_window": float(len(given)),
-                        "weight_known": weight_known, "level_day1": v.day_levels.get(1),
+                        "weight_known": weight_known, "level_day1": v.day_levels.get(1), "previous_level": previous,
+                        "required_mg_per_kg": required,
+                        "given_ratio": amount / required if amount is not None and required else None,
                         "window_start": _iso(hx + lo * H), "window_end": _iso(hx + hi * H)},
                        {"events": [v.t0_id, r.event_id, *[d.event_id for d in given]], "hx": _iso(hx),
                         "raw_c": r.raw_c, "site": r.site})
@@ -1025,7 +1042,7 @@ class Deriver:
         if v.t0 is None:
             return
         lo, hi = self.p.assessment_window_hours
-        if v.arm == "anakinra":
+        if v.on_anakinra:
             for ladder in self.p.ladder_steps:
                 step, hx = ladder.name, v.hx(ladder.hours)
                 if not deadline(hx + hi * H):
@@ -1034,7 +1051,7 @@ class Deriver:
                 yield Fact("fever_assessment", step,
                            {"at": _iso(hx + hi * H), "window": step, "readings": float(n),
                             "window_start": _iso(hx + lo * H), "window_end": _iso(hx + hi * H)},
-                           {"events": [v.t0_id, *[r.event_id for r in v.readings_in(hx - 6 * H, hx + 6 * H)]],
+                           {"events": [v.t0_id, *[r.event_id for r in v.readings_in(hx - EVIDENCE_HOURS * H, hx + EVIDENCE_HOURS * H)]],
                             "hx": _iso(hx), "t0": _iso(v.t0)})
         end = v.hx(self.p.endpoint_window_hours)
         if deadline(end):
@@ -1069,7 +1086,7 @@ class Deriver:
         doses = v.anakinra_doses
         if not doses:
             return None
-        ratio, start = self.p.escalation_ratio, self.p.ladder_base_mg_per_kg
+        ratio, start = self.p.escalation_ratio, self.p.dosing.start_mg_per_kg
         for step in reversed(self.p.ladder_steps):  # the latest step that escalated holds A'
             if step.given == "day_total":
                 prev = v.day_levels.get(step.dosing_day - 1) if step.dosing_day > 1 else start
@@ -1089,7 +1106,7 @@ class Deriver:
         if v.t0 is None:
             return
         anchors = [("T0", v.t0, [v.t0_id])]
-        if v.arm == "anakinra":
+        if v.on_anakinra:
             esc = self._last_escalation(v)
             if esc is not None:
                 anchors.append(("LASTESC", esc.at, [esc.event_id]))
@@ -1107,7 +1124,7 @@ class Deriver:
                         "last_readings_c": [r.corrected_c for r in late_readings][-3:]})
 
     def _fever_recurrence(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
-        if v.t0 is None or v.arm != "anakinra":
+        if v.t0 is None or not v.on_anakinra:
             return
         last_febrile: Reading | None = None
         seen_afebrile = False

@@ -74,6 +74,7 @@ class Monitor:
         self.stats = Stats()
         self._horizon: dt.datetime | None = None
         self._facts_read = rules.facts_read()
+        self._arms = frozenset(rules.parameters.arms.model_dump().values())
         self._failures: list[EvaluationFailure] = []
 
     @classmethod
@@ -87,6 +88,10 @@ class Monitor:
         events; `pending` are the batch items not yet ingested. Amendments and retries of held events always pass:
         they do not grow the state. A refused event goes to the dead letters like any other rejected one."""
         self.plausibility.check(event)  # `implausible`: a number no child could have (monitor/plausibility.py)
+        if event.arm is not None and event.arm not in self._arms:
+            raise EventRejected("invalid_field", f"{event.type} event: arm: {event.arm[:64]!r} is not an arm of "
+                                f"the protocol (parameters.yaml arms: {', '.join(sorted(self._arms))})",
+                                event_id=event.event_id)
         state = self.subjects.get(event.subject_id)
         held = state.events if state is not None else {}
         if event.event_id in held:

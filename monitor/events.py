@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -28,7 +29,8 @@ from monitor.errors import EventRejected
 MAX_EVENT_BYTES = 1_000_000
 """Largest accepted event; a bigger one is rejected as `too_large` (it is never a real clinical record)."""
 
-Arm = Literal["anakinra", "ivig"]
+Arm = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+"""An arm code; which codes the protocol has is data (parameters.yaml `arms`), checked by `Monitor.admit`."""
 def _no_bool(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError("a number is required, not true/false")

@@ -130,10 +130,13 @@ FACTS: dict[str, FactType] = {
         ),
         _fact(
             "ladder_step",
-            "The H12 or H24 escalation decision, once its deadline (Hx + 3 h) has passed: fever at Hx and "
-            "what was given (H12: the supplement in the window; H24: the day-2 total by H24 + 3 h).",
+            "A ladder step's escalation decision (parameters.yaml ladder_steps: H12, H24), once its deadline "
+            "(Hx + 3 h) has passed: fever at Hx, what was given (a supplement in the window, or the step's "
+            "dosing-day total by Hx + 3 h), what the step requires (`required_mg_per_kg`, from the previous day's "
+            "level for a day-total step) and `given_ratio` = given / required.",
             step=str, febrile=bool, assessed_c=float, assessed_at=str, given_mg_per_kg=float,
-            doses_in_window=float, weight_known=bool, level_day1=float, window_start=str, window_end=str,
+            doses_in_window=float, weight_known=bool, level_day1=float, previous_level=float,
+            required_mg_per_kg=float, given_ratio=float, window_start=str, window_end=str,
         ),
         _fact(
             "fever_assessment",

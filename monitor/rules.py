@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from monitor.errors import RuleFileError
 from monitor.facts import FACTS
@@ -239,6 +239,78 @@ class LadderStep(_Strict):
     hours: float = Field(gt=0)
     given: Literal["supplement", "day_total"]
     dosing_day: int = Field(ge=1)
+    supplement_mg_per_kg: float | None = Field(default=None, gt=0, description=(
+        "`supplement` steps: the supplementary dose the step requires (A-1: 2 mg/kg at H12)"))
+    levels_mg_per_kg: dict[float, float] | None = Field(default=None, description=(
+        "`day_total` steps: the previous day's level → the level the step requires (A-1: 4 → 6, 6 → 8); a level in "
+        "between is judged by the nearest one (a tie by the higher)"))
+
+    @model_validator(mode="after")
+    def _target(self) -> "LadderStep":
+        if self.given == "supplement" and self.supplement_mg_per_kg is None:
+            raise ValueError(f"ladder step {self.name}: a `supplement` step needs supplement_mg_per_kg")
+        if self.given == "day_total" and not self.levels_mg_per_kg:
+            raise ValueError(f"ladder step {self.name}: a `day_total` step needs levels_mg_per_kg "
+                             "(previous level: required level)")
+        return self
+
+    def required_mg_per_kg(self, previous_level: float | None) -> float | None:
+        """What the step requires when febrile: the supplement, or the level for the nearest previous level."""
+        if self.given == "supplement":
+            return self.supplement_mg_per_kg
+        if previous_level is None or not self.levels_mg_per_kg:
+            return None
+        nearest = min(self.levels_mg_per_kg, key=lambda level: (abs(level - previous_level), -level))
+        return self.levels_mg_per_kg[nearest]
+
+
+class DosingParams(_Strict):
+    """The anakinra and IVIG dose levels (A-1, §4.2). The accepted ranges are the levels ± `tolerance`; rule
+    files read them as `{param: dosing.start_low_mg_per_kg}` and the like, so a new level is one edit here."""
+
+    start_mg_per_kg: float = Field(gt=0, description="A-1: the starting dose, and the escalation base of day 1")
+    max_mg_per_kg_day: float = Field(gt=0, description="A-1: the most anakinra per dosing day")
+    tolerance: float = Field(ge=0, lt=1, description="§4.2: the accepted deviation from a level, as a fraction")
+    ivig_retreatment_g_per_kg: float = Field(gt=0, description="the IVIG retreatment total")
+
+    @property
+    def start_low_mg_per_kg(self) -> float:
+        return self.start_mg_per_kg * (1 - self.tolerance)
+
+    @property
+    def start_high_mg_per_kg(self) -> float:
+        return self.start_mg_per_kg * (1 + self.tolerance)
+
+    @property
+    def max_high_mg_per_kg_day(self) -> float:
+        return self.max_mg_per_kg_day * (1 + self.tolerance)
+
+    @property
+    def accepted_low_ratio(self) -> float:
+        """A ladder step's dose is enough from this share of what it requires (1 - tolerance)."""
+        return 1 - self.tolerance
+
+    @property
+    def ivig_low_g_per_kg(self) -> float:
+        return self.ivig_retreatment_g_per_kg * (1 - self.tolerance)
+
+    @property
+    def ivig_high_g_per_kg(self) -> float:
+        return self.ivig_retreatment_g_per_kg * (1 + self.tolerance)
+
+
+class ArmParams(_Strict):
+    """The arm codes records carry (`arm`), by the role the derivations give them (§2.1)."""
+
+    anakinra: str = Field(min_length=1, description="the anakinra arm: T0 is the first study-drug anakinra, ladder")
+    ivig: str = Field(min_length=1, description="the IVIG arm: T0 is the first IVIG retreatment infusion")
+
+
+class DrugNames(_Strict):
+    """Names (lower case, matched as substrings of the drug text) that identify a study drug without an ATC code."""
+
+    anakinra: list[str] = Field(min_length=1)
+    ivig: list[str] = Field(min_length=1)
 
 
 class Parameters(_Strict):
@@ -249,6 +321,7 @@ class Parameters(_Strict):
     units: UnitParams
     lab_analytes: dict[str, list[str]]
     schwartz_k: float
+    schwartz_validated_from_months: float
     weight_codes: list[str]
     height_codes: list[str]
     deadline_grace_hours: float
@@ -277,7 +350,9 @@ class Parameters(_Strict):
     rescue_atc_prefixes: list[str]
     rescue_names: list[str]
     escalation_ratio: float
-    ladder_base_mg_per_kg: float
+    arms: ArmParams
+    study_drug_names: DrugNames
+    dosing: DosingParams
     ladder_steps: list[LadderStep] = Field(min_length=1)
     ivig_retreatment_purposes: list[str] = Field(min_length=1)
     rescue_for_sae_words: list[str]

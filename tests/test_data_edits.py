@@ -48,10 +48,11 @@ def test_changing_the_max_daily_dose_threshold_changes_the_verdict(rules_copy, t
     shipped = run_test(test, base, load_rules())
     assert not any(a.rule == "DOSE-MAX-EXCEEDED" for a in shipped.alerts)
 
-    dosing = rules_copy / "dosing.yaml"
-    text = dosing.read_text()
-    assert text.count("{lte: 8.8}") == 1 and text.count("{gt: 8.8}") == 1
-    dosing.write_text(text.replace("{lte: 8.8}", "{lte: 7.5}").replace("{gt: 8.8}", "{gt: 7.5}"))
+    # the maximum is a level in parameters.yaml (dosing.max_mg_per_kg_day); the rule reads max x (1 + tolerance)
+    params = rules_copy / "parameters.yaml"
+    text = params.read_text()
+    assert text.count("max_mg_per_kg_day: 8.0") == 1
+    params.write_text(text.replace("max_mg_per_kg_day: 8.0", "max_mg_per_kg_day: 7.0"))  # 7.7 with the tolerance
     edited = run_test(test, base, load_rules(rules_copy))
     assert [a.rule for a in edited.alerts if a.rule == "DOSE-MAX-EXCEEDED"] == ["DOSE-MAX-EXCEEDED"]
 
@@ -156,3 +157,77 @@ def test_how_the_ivig_arm_t0_is_identified_is_a_parameter(rules_copy, tmp_path):
                                              "ivig_retreatment_purposes: [study_treatment_retreatment, "
                                              "retraitement_ivig]"))
     assert run(recoded, load_rules(rules_copy)) == published
+
+
+SCENARIO_03 = SHARED / "scenarios" / "03_correct_escalation_h12_h24.jsonl"
+
+
+def _t0(events: list[dict]) -> dt.datetime:
+    return min(dt.datetime.fromisoformat(e["occurred_at"]) for e in events
+               if e["type"] == "drug_administration" and e.get("study_drug") and "anakinra" in e["drug"].lower())
+
+
+@pytest.mark.skipif(not SCENARIO_03.is_file(), reason="published scenarios not found")
+def test_changing_the_base_dose_is_a_parameter_edit_that_moves_dose_start(rules_copy, tmp_path):
+    """dosing.start_mg_per_kg: the accepted start range follows it (± tolerance), in the rule and in the escalation
+    base the derivation uses. A correct 4 mg/kg start is wrong for a protocol that starts at 3 (4 > 3.3)."""
+    header, events = load_scenario(SCENARIO_03)
+    before = _alerts(SCENARIO_03, load_rules(), tmp_path, prefix="DOSE-START")
+    assert before == []
+    path = rules_copy / "parameters.yaml"
+    text = path.read_text()
+    assert "start_mg_per_kg: 4.0" in text
+    path.write_text(text.replace("start_mg_per_kg: 4.0", "start_mg_per_kg: 3.0"))
+    after = _alerts(SCENARIO_03, load_rules(rules_copy), tmp_path, prefix="DOSE-START")
+    assert after == [("DOSE-START", _t0(events))]
+    edited = load_rules(rules_copy)
+    assert edited.parameters.dosing.start_low_mg_per_kg == pytest.approx(2.7)
+    assert edited.parameters.dosing.start_high_mg_per_kg == pytest.approx(3.3)
+
+
+@pytest.mark.skipif(not SCENARIO_03.is_file(), reason="published scenarios not found")
+def test_adding_a_ladder_step_is_a_parameter_edit_that_adds_its_assessment(rules_copy, tmp_path):
+    """A new ladder step (an H36 assessment of the day-2 level) adds its assessment window: with no reading in
+    [H36 - 2 h, H36 + 1 h], FEVER-ASSESSMENT-MISSING fires for H36 at H36 + 1 h, and only with the step added."""
+    header, events = load_scenario(SCENARIO_03)
+    t0 = _t0(events)
+    gap = [e for e in events if not (e["type"] == "vital_sign" and e.get("temperature_c") is not None
+                                     and t0 + dt.timedelta(hours=33) <= dt.datetime.fromisoformat(e["occurred_at"])
+                                     <= t0 + dt.timedelta(hours=38))]
+    assert len(gap) < len(events)
+
+    def run(rules):
+        alerts = run_events(gap, until=header["evaluation_horizon"], rules=rules, tmp_path=tmp_path)[0]
+        return sorted((a.rule, dt.datetime.fromisoformat(a.at), a.evidence["values"].get("window"))
+                      for a in final_alerts(alerts))
+
+    assert [a for a in run(load_rules()) if a[0] == "FEVER-ASSESSMENT-MISSING"] == []
+    path = rules_copy / "parameters.yaml"
+    text = path.read_text()
+    h24 = next(line for line in text.splitlines() if "{name: H24," in line)
+    path.write_text(text.replace(h24, h24 + "\n  - {name: H36, hours: 36, given: day_total, dosing_day: 2, "
+                                             "levels_mg_per_kg: {4: 6, 6: 8}}"))
+    added = [a for a in run(load_rules(rules_copy)) if a[0] == "FEVER-ASSESSMENT-MISSING"]
+    assert added == [("FEVER-ASSESSMENT-MISSING", t0 + dt.timedelta(hours=37), "H36")]
+
+
+def test_the_arm_codes_are_data(rules_copy, tmp_path):
+    """parameters.yaml `arms`: a protocol that codes the anakinra arm `ANA` gets the same alerts from records
+    carrying `ANA` as this one does from `anakinra`; a code that is not an arm is refused with the codes known."""
+    from tests.conftest import SCENARIOS
+
+    path = next(p for p in SCENARIOS if p.name.startswith("04_"))
+    header, events = load_scenario(path)
+    recoded = [dict(e, arm="ANA") if e.get("arm") == "anakinra" else e for e in events]
+
+    def run(evts, rules):
+        alerts, rejects, _ = run_events(evts, until=header["evaluation_horizon"], rules=rules, tmp_path=tmp_path)
+        return sorted((a.rule, a.at) for a in final_alerts(alerts)), rejects
+
+    published, _ = run(events, load_rules())
+    assert published
+    refused, rejects = run(recoded, load_rules())
+    assert rejects and all("parameters.yaml arms" in str(r) for r in rejects)
+    target = rules_copy / "parameters.yaml"
+    target.write_text(target.read_text().replace("  anakinra: anakinra ", "  anakinra: ANA "))
+    assert run(recoded, load_rules(rules_copy)) == (published, [])
