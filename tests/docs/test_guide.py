@@ -71,3 +71,45 @@ def test_the_plausibility_example_edits_the_shipped_table(tmp_path):
     before = load_rules().tables.plausibility.labs["ferritin"].range
     after = load_rules(target).tables.plausibility.labs["ferritin"].range
     assert after != before and after[1] > before[1]
+
+
+def diff_blocks() -> list[tuple[str, str]]:
+    return re.findall(r"```diff (rules/\S+)\n(.*?)```", GUIDE.read_text(), flags=re.S)
+
+
+def apply_diff(root: Path, relative: str, body: str) -> None:
+    """Apply one guide diff to a copy of rules/: each `-` line must be in the shipped file (the guide shows the file
+    as it is); a `+` line replaces the `-` line before it, or is inserted after the context line before it."""
+    path = root / relative.removeprefix("rules/")
+    lines = path.read_text().splitlines()
+    anchor: int | None = None
+    for raw in body.splitlines():
+        mark, text = raw[:1], raw[1:]
+        if mark == "-":
+            hits = [i for i, line in enumerate(lines) if line.rstrip() == text.rstrip()]
+            assert hits, f"the guide's line is not in {relative}: {text!r}"
+            anchor = hits[0]
+            del lines[anchor]
+            anchor -= 1
+        elif mark == "+":
+            assert anchor is not None, f"a + line with nothing before it in the guide's diff of {relative}"
+            lines.insert(anchor + 1, text)
+            anchor += 1
+        else:
+            hits = [i for i, line in enumerate(lines) if line.rstrip() == text.rstrip()
+                    and (anchor is None or i > anchor)]
+            assert hits, f"the guide's context line is not in {relative}: {text!r}"
+            anchor = hits[0]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_every_diff_in_the_guide_applies_to_the_shipped_files_and_loads(tmp_path):
+    found = diff_blocks()
+    assert len(found) >= 4
+    shipped = load_rules().version
+    for n, (relative, body) in enumerate(found):
+        target = tmp_path / f"rules{n}"
+        shutil.copytree(DEFAULT_RULES_DIR, target)
+        apply_diff(target, relative, body)
+        edited = load_rules(target)  # refuses with file and line if the edit broke a file
+        assert edited.version != shipped, f"the guide's edit of {relative} changed nothing"
