@@ -112,6 +112,46 @@ class AlertBook:
                 n += 1
         return n
 
+    def take_published(self, published: Collection[tuple[str, str]]) -> None:
+        """The (alert_id, status) records already on the alerts topic: `take_over` never raises one of those ids."""
+        self._published = published
+
+    def take_over(self, old: "AlertBook", *, detected_at: str, version: str) -> list[Alert]:
+        """A rules reload built this book from the subjects' stored history under the new rules; `old` is the book
+        of the rules in force until now. Make this book continue the old one and return what to publish:
+        * a condition (rule, subject, fact) open in both keeps the old alert and its id: nothing is published, so a
+          reload that changes nothing for a subject publishes nothing for it;
+        * a condition open only here is raised under an occurrence number after every one the old book used or
+          the alerts topic holds, so its raise is never taken for a record already published;
+        * an alert open only in the old book is withdrawn.
+        The rebuild cannot reproduce the occurrence numbers of the live history (it sees each event's latest
+        version only, and every deadline at once), so identity is matched by condition, never by alert_id."""
+        out: list[Alert] = []
+        if self._published is None:
+            self._published = old._published
+        self._adopted |= old._adopted
+        for key, n in old._occurrences.items():
+            self._occurrences[key] = max(n, self._occurrences.get(key, 0))
+        for subject_id in sorted(set(self._open) | set(old._open)):
+            mine, theirs = self._open.setdefault(subject_id, {}), old._open.get(subject_id, {})
+            for identity in sorted(set(theirs) - set(mine)):
+                gone = theirs[identity]
+                out.append(gone.model_copy(update={"status": "retracted", "retracts": gone.alert_id,
+                                                   "detected_at": detected_at, "rule_version": version}))
+            for identity in sorted(set(mine) & set(theirs)):
+                mine[identity] = theirs[identity]
+            for identity in sorted(set(mine) - set(theirs)):
+                rule_id, fact_id = identity
+                key = (rule_id, subject_id, fact_id)
+                n = max(old._occurrences.get(key, 0), self._occurrences.get(key, 1) - 1)
+                while self._published is not None and (alert_id(*key, n), "raised") in self._published:
+                    n += 1
+                self._occurrences[key] = n + 1
+                raised = mine[identity].model_copy(update={"alert_id": alert_id(*key, n), "detected_at": detected_at})
+                mine[identity] = raised
+                out.append(raised)
+        return out
+
     def reconcile(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
                   rules: dict[str, Rule], detected_at: str, version: str) -> list[Alert]:
         """Withdraw the open alerts no match claims and raise one per new match. All-or-nothing: every alert is

@@ -451,18 +451,16 @@ class MonitorService:
         for subject_id, state in old.subjects.items():  # partition bookkeeping and site ids carry over
             if subject_id in new.subjects:
                 new.subjects[subject_id].site_id = state.site_id
-        before = {a.alert_id: a for a in old.book.open_alerts()}
-        after = {a.alert_id: a for a in new.book.open_alerts()}
-        now = self.clock.now().isoformat()
-        changes: list[tuple[Alert, int | None]] = [(after[k], None) for k in sorted(set(after) - set(before))]
-        changes += [(before[k].model_copy(update={"status": "retracted", "retracts": k, "detected_at": now,
-                                                  "rule_version": rules.version}), None)
-                    for k in sorted(set(before) - set(after))]
+        if self.published:  # what the topic holds, so a raise under the new rules never reuses a published id
+            new.book.take_published(self.published)
+        taken = new.book.take_over(old.book, detected_at=self.clock.now().isoformat(), version=rules.version)
+        changes: list[tuple[Alert, int | None]] = [(a, None) for a in taken]
+        raised_n = sum(a.status == "raised" for a in taken)
+        withdrawn_n = len(taken) - raised_n
         try:  # the audit trail says which rules were in force: a version that cannot be recorded is not used
             self._audit("rules_switched", {"from": old.rules.version, "to": rules.version,
                                            "rules": len(rules.rules), "subjects_rebuilt": len(new.subjects),
-                                           "alerts_raised": len(set(after) - set(before)),
-                                           "alerts_withdrawn": len(set(before) - set(after))})
+                                           "alerts_raised": raised_n, "alerts_withdrawn": withdrawn_n})
         except MonitorError as exc:
             log.error("new rules version %s NOT switched to: the audit trail could not record it (%s); version %s "
                       "stays in force and alerts keep flowing; fix the store, then edit the rules or send SIGHUP",
@@ -477,7 +475,7 @@ class MonitorService:
             self.metrics.rules.info({"version": rules.version})
         log.info("rules version %s in force (was %s): %d subjects rebuilt in %.2f s; %d alerts raised, %d withdrawn",
                  rules.version, old.rules.version, len(new.subjects), time.monotonic() - started,
-                 len(set(after) - set(before)), len(set(before) - set(after)))
+                 raised_n, withdrawn_n)
         return True
 
     def _audit(self, action: str, data: dict[str, Any]) -> None:

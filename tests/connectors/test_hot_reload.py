@@ -77,4 +77,5 @@ def test_threshold_change_on_a_running_service(tmp_path):
     text = log.read_text()
     assert "eligibility.yaml:" in text and "catastrophic" in text
     actions = [e.action for e in AlertStore(url=store).audit_entries()]
-    assert actions == ["rules_loaded", "rules_switched", "rules_refused"]
+    # the file watcher and the SIGHUP may both try the invalid version: each refusal is recorded, nothing switches
+    assert actions[:3] == ["rules_loaded", "rules_switched", "rules_refused"] and set(actions[3:]) <= {"rules_refused"}
