@@ -29,15 +29,17 @@ DEFAULT_RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 # YAML with line numbers
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe loader only: a `!!python/object` tag is refused, never constructed."""
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""Safe loader only (a `!!python/object` tag is refused, never constructed); libyaml's when PyYAML has it (about
+10x faster: a hot reload parses every file)."""
 
 
 def _load_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """Parse YAML and remember the line of every mapping key and sequence item (1-based)."""
     lines: dict[tuple[Any, ...], int] = {}
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        node = loader.get_single_node()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RuleFileError([(str(path), mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
@@ -65,10 +67,12 @@ def _load_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     if duplicates:
         raise RuleFileError(duplicates)
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RuleFileError([(str(path), mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
     return data, lines
 
 

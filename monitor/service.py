@@ -434,16 +434,14 @@ class MonitorService:
                 return False
         started = time.monotonic()
         new = Monitor.create(rules=rules, clock=self.clock, max_events_per_subject=old.max_events_per_subject)
-        stored = sorted((st for state in old.subjects.values() for st in state.events.values()),
-                        key=lambda st: (st.event.recorded_at, st.seq))
-        batch: list[tuple[Any, ...]] = []
-        for st in stored:
-            if batch and batch[0][0].recorded_at != st.event.recorded_at:
-                new.ingest(batch)
-                batch = []
-            batch.append((st.event, json.loads(st.canonical), st.origin))
-        if batch:
-            new.ingest(batch)
+        # Each subject's stored history is loaded and evaluated once, at its end state, as a recovery does: the
+        # facts are a function of the history and the clock, so the end state is that of a batch-by-batch rebuild,
+        # and the book below is matched to the old one by condition (take_over), not by the path that led there.
+        for subject_id, state in old.subjects.items():
+            for st in sorted(state.events.values(), key=lambda st: (st.event.recorded_at, st.seq)):
+                new.load((st.event, json.loads(st.canonical), st.origin))
+                new.subjects[subject_id].events[st.event.event_id].first_recorded_at = st.first_recorded_at
+        new.evaluate_rebuilt(list(new.subjects), published=frozenset(), open_alerts={})
         undone = sum(len(f.items) for f in new.take_failures())
         if undone:  # already on the events topic and committed: logged, left out of the new version's state
             log.error("rules version %s could not evaluate %d stored record(s); they are left out of its state "
