@@ -131,3 +131,97 @@ def test_an_arm_that_arrives_after_the_last_dose_gives_the_same_alerts_live_and_
     assert live(late) == live(events)
     assert sorted(x for x in after_restart if dt.datetime.fromisoformat(x[2]) <= horizon) == sorted(
         x for x in live(events) if dt.datetime.fromisoformat(x[2]) <= horizon)
+
+
+# ---- generated cohorts across the Europe/Paris daylight-saving changes ----------------------------------------------
+
+DST_CHANGES = [dt.datetime(2025, 3, 30, 1, 0, tzinfo=dt.timezone.utc),    # 02:00 CET -> 03:00 CEST
+               dt.datetime(2025, 10, 26, 1, 0, tzinfo=dt.timezone.utc)]   # 03:00 CEST -> 02:00 CET
+
+
+def _shifted(events: list[dict[str, Any]], delta: dt.timedelta) -> list[dict[str, Any]]:
+    """The same instants moved by `delta`, written in the Paris offset in force at the new instant (as a site's
+    system would write them), for every time field of every event."""
+    from zoneinfo import ZoneInfo
+
+    paris = ZoneInfo("Europe/Paris")
+    out = []
+    for e in events:
+        moved = dict(e)
+        for name, value in e.items():
+            if isinstance(value, str) and len(value) >= 19 and value[10:11] == "T" and value[4:5] == "-":
+                try:
+                    at = dt.datetime.fromisoformat(value)
+                except ValueError:
+                    continue
+                if at.tzinfo is not None:
+                    moved[name] = (at + delta).astimezone(paris).isoformat()
+        out.append(moved)
+    return out
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=st.data())
+def test_memoised_facts_equal_a_from_scratch_derivation_on_generated_cohorts_across_dst(rules, data):
+    """Generated subjects (monitor.generate: deviations, amendments, late records) whose T0 is put within three
+    days of a daylight-saving change, then transformed like the published ones (late arm, site change, retries,
+    amendments, out-of-order): after every batch the memoised facts equal a from-scratch derivation, and the
+    batch-by-batch alerts equal those of a restart (the history loaded at once and evaluated on its end state)."""
+    from monitor.generate import generate
+
+    seed = data.draw(st.integers(0, 10_000), label="seed")
+    events = list(generate(subjects=3, days=data.draw(st.integers(5, 20), label="days"), seed=seed, sites=2,
+                           deviation_rate=0.5))
+    t0 = min(dt.datetime.fromisoformat(e["occurred_at"]) for e in events if e["type"] == "drug_administration")
+    change = data.draw(st.sampled_from(DST_CHANGES), label="dst")
+    offset = dt.timedelta(hours=data.draw(st.integers(-72, 24), label="hours from T0 to the change"))
+    stream = data.draw(variants(_shifted(events, change - offset - t0)))
+    stream.sort(key=lambda e: e["recorded_at"]) if data.draw(st.booleans(), label="sorted") else None
+    monitor = run_checked(stream, rules, None)
+    live = sorted((a.rule, a.subject_id, a.at) for a in monitor.book.open_alerts())
+
+    clock = ReplayClock()
+    restarted = Monitor.create(rules=rules, clock=clock)
+    for e in stream:
+        clock.advance_to(max(clock.now(), dt.datetime.fromisoformat(e["recorded_at"])))
+        restarted.load((parse_event(e), e))
+    clock.advance_to(max(clock.now(), monitor.clock.now()))
+    out = restarted.evaluate_rebuilt(list(restarted.subjects), published=set(), open_alerts={})
+    assert sorted((a.rule, a.subject_id, a.at) for a in final_alerts(out)) == live
+
+
+@pytest.mark.skipif(not SCENARIOS, reason="published scenarios not found")
+@pytest.mark.parametrize("name", ["26_missed_visit_window_d30", "20_excl_live_vaccine", "03_correct_escalation_h12_h24"])
+def test_a_site_change_to_another_time_zone_gives_the_same_alerts_live_and_after_a_restart(tmp_path, name):
+    """Issue 15's second stale-fact case: the site id (which selects the time zone of calendar-day logic: study
+    days, visit windows, vaccine months) changes half-way through the stream, to a site 13 hours ahead. After every
+    batch the memoised facts equal a from-scratch derivation (run_checked), and batch by batch (live) and loaded at
+    once then evaluated (a restart) end with the same alerts."""
+    import shutil
+
+    from monitor.rules import DEFAULT_RULES_DIR, load_rules
+    from tests.conftest import SHARED
+
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(DEFAULT_RULES_DIR, rules_dir)
+    path = rules_dir / "parameters.yaml"
+    path.write_text(path.read_text().replace("  default: Europe/Paris", "  default: Europe/Paris\n  MOVED: Pacific/Kiritimati"))
+    rules = load_rules(rules_dir)
+    header, events = load_scenario(SHARED / "scenarios" / f"{name}.jsonl")
+    horizon = dt.datetime.fromisoformat(header["evaluation_horizon"])
+    half = len(events) // 2
+    moved = events[:half] + [dict(e, site_id="MOVED") for e in events[half:]]
+
+    monitor = run_checked(moved, rules, horizon)
+    live = sorted((a.rule, a.subject_id, a.at) for a in monitor.book.open_alerts())
+    assert {s.site_id for s in monitor.subjects.values()} == {"MOVED"}
+
+    clock = ReplayClock()
+    restarted = Monitor.create(rules=rules, clock=clock)
+    for e in moved:
+        clock.advance_to(max(clock.now(), dt.datetime.fromisoformat(e["recorded_at"])))
+        restarted.load((parse_event(e), e))
+    clock.advance_to(max(clock.now(), monitor.clock.now()))
+    out = restarted.evaluate_rebuilt(list(restarted.subjects), published=set(), open_alerts={})
+    assert sorted((a.rule, a.subject_id, a.at) for a in final_alerts(out)) == live
