@@ -397,7 +397,6 @@ class ImmunosuppressantEntry(_Strict):
 
 class ImmunosuppressantTable(_Strict):
     washout_half_lives: float = Field(gt=0)
-    plasmapheresis_days: float
     drugs: list[ImmunosuppressantEntry]
 
 
