@@ -449,21 +449,48 @@ def _flag(score: float, thresholds: Thresholds) -> Flag:
     return "green"
 
 
-def _signed_z(p_two_sided: float, direction: float) -> float:
-    """The two-sided p-value of an exact test as the signed z a normal test with the same p would give."""
-    p = min(1.0, max(p_two_sided, 1e-300))
-    if p >= 1.0 or direction == 0:
-        return 0.0
-    return math.copysign(float(stats.norm.isf(p / 2.0)), direction)
+TAIL = 80
+"""Fisher's test sums the tables no more likely than the observed one. With an expected count under
+`exact_below_expected` (5), tables more than TAIL events above the observed count have probabilities far below
+1e-30 of the observed one's and are left out of the sum, which keeps the test a fixed-size vectorised call."""
 
 
-def exact_poisson_p(count: float, expected: float) -> float:
-    """Two-sided exact Poisson test: twice the smaller tail, at most 1."""
-    if expected <= 0:
-        return 1.0 if count == 0 else 0.0
-    lower = float(stats.poisson.cdf(count, expected))
-    upper = float(stats.poisson.sf(count - 1, expected))
-    return min(1.0, 2.0 * min(lower, upper))
+def _exact_scores(method: str, x: np.ndarray, n: np.ndarray, total_x: float,
+                  total_n: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact tests of each small site against the rest of the trial, vectorised over sites (scipy.stats):
+    binomial KRIs by Fisher's exact test on [[x, n - x], [rest_x, rest_n - rest_x]] (two-sided: the hypergeometric
+    probabilities no larger than the observed table's, as scipy.stats.fisher_exact computes it), rates by the exact
+    Poisson test of x against the rest's rate times n (two-sided: twice the smaller tail). The p-value becomes the
+    signed z with the same two-sided normal p."""
+    rest_x, rest_n = total_x - x, total_n - n
+    if method == "binomial":
+        xs = np.rint(x).astype(np.int64)
+        ns = np.rint(n).astype(np.int64)
+        big_n, big_k = int(round(total_n)), int(round(total_x))
+        hi = np.minimum(ns, big_k)
+        lo = np.maximum(0, big_k - (big_n - ns))
+        width = int(np.max(np.minimum(hi, xs + TAIL) - lo)) + 1 if len(xs) else 1
+        grid = lo[:, None] + np.arange(width)[None, :]
+        valid = grid <= np.minimum(hi, xs + TAIL)[:, None]
+        logp = stats.hypergeom.logpmf(np.where(valid, grid, lo[:, None]), big_n, big_k, ns[:, None])
+        observed = stats.hypergeom.logpmf(xs, big_n, big_k, ns)
+        keep = valid & (logp <= observed[:, None] + 1e-7)
+        p = np.minimum(1.0, np.where(keep, np.exp(logp), 0.0).sum(axis=1))
+        expected = np.where(rest_n > 0, rest_x / np.where(rest_n > 0, rest_n, 1.0), 0.0) * n
+        test = "fisher"
+    else:
+        rate = np.where(rest_n > 0, rest_x / np.where(rest_n > 0, rest_n, 1.0), total_x / max(total_n, 1e-300))
+        expected = rate * n
+        k = np.rint(x)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lower = stats.poisson.cdf(k, expected)
+            upper = stats.poisson.sf(k - 1, expected)
+        p = np.where(expected > 0, np.minimum(1.0, 2.0 * np.minimum(lower, upper)), np.where(k == 0, 1.0, 0.0))
+        test = "poisson"
+    direction = x - expected
+    z = np.where((p >= 1.0) | (direction == 0), 0.0,
+                 np.copysign(stats.norm.isf(np.clip(p, 1e-300, 1.0) / 2.0), direction))
+    return z, np.array([test] * len(x), dtype=object)
 
 
 def score_sites(*, kri: KriSpec, sites: Sequence[str], numerators: Sequence[float], denominators: Sequence[float],
@@ -501,21 +528,9 @@ def score_sites(*, kri: KriSpec, sites: Sequence[str], numerators: Sequence[floa
             else:
                 phi = 0.0
         total_x, total_n = float(x[eligible].sum()), float(n[eligible].sum())
-        expected = mu * n
-        for j in np.nonzero(eligible & (expected < kri.exact_below_expected))[0]:
-            rest_x, rest_n = total_x - x[j], total_n - n[j]
-            if kri.method == "binomial":
-                table = [[int(round(x[j])), int(round(n[j] - x[j]))],
-                         [int(round(rest_x)), int(round(rest_n - rest_x))]]
-                p = float(stats.fisher_exact(table).pvalue) if rest_n > 0 else 1.0
-                expected_i = (rest_x / rest_n) * n[j] if rest_n > 0 else expected[j]
-                tests[j] = "fisher"
-            else:
-                rate_rest = rest_x / rest_n if rest_n > 0 else mu
-                expected_i = rate_rest * n[j]
-                p = exact_poisson_p(float(round(x[j])), expected_i)
-                tests[j] = "poisson"
-            z[j] = _signed_z(p, x[j] - expected_i)
+        small = np.nonzero(eligible & (mu * n < kri.exact_below_expected))[0]
+        if len(small):
+            z[small], tests[small] = _exact_scores(kri.method, x[small], n[small], total_x, total_n)
     for i, site in enumerate(sites):
         value = float(x[i] / n[i]) if n[i] > 0 else None
         if not eligible[i]:
@@ -617,6 +632,18 @@ class QtlBook:
         self.open: dict[str, Alert] = {}
         self._occurrences: Counter[str] = Counter()
 
+    def adopt(self, open_alerts: Iterable[Alert]) -> None:
+        """After a restart, take over the QTL alerts the alerts topic still holds open (read back by the service),
+        so a breach still in force is not raised twice and one that ended meanwhile is withdrawn."""
+        for alert in open_alerts:
+            if alert.category != QTL_CATEGORY or alert.status != "raised" or alert.rule in self.open:
+                continue
+            self.open[alert.rule] = alert
+            for n in range(10_000):
+                if _qtl_alert_id(alert.rule, n) == alert.alert_id:
+                    self._occurrences[alert.rule] = max(self._occurrences[alert.rule], n + 1)
+                    break
+
     def reconcile(self, results: Sequence[QtlResult], *, now: dt.datetime, version: str) -> list[Alert]:
         out: list[Alert] = []
         when = now.isoformat()
@@ -658,77 +685,75 @@ KRI_LABELS = {"site", "kri", "bound", "qtl"}
 
 
 class KriMetrics:
-    """The KRI and QTL gauges, in the registry passed in. Label sets that disappear (a site gone, a KRI removed)
-    are removed, so Grafana never shows a stale flag."""
+    """The KRI and QTL gauges, served from the latest recomputation. A custom collector rather than labelled
+    Gauges: 1,000 sites x 10 KRIs is ~90,000 label sets, which cost seconds to set one by one at each
+    recomputation; here a recomputation only swaps one reference (atomic, so the HTTP thread that scrapes never
+    sees half a table) and the families are built at scrape time. Label sets that disappear (a site gone, a KRI
+    removed) disappear with the snapshot, so Grafana never shows a stale flag."""
 
     def __init__(self, *, registry: Any) -> None:
-        from prometheus_client import Gauge
-
-        def g(name: str, doc: str, labels: list[str]) -> Any:
-            return Gauge(name, doc, labels, registry=registry)
-
-        self.value = g("protocol_monitor_kri_value", "KRI value per site (a rate, or the descriptive statistic)",
-                       ["site", "kri"])
-        self.numerator = g("protocol_monitor_kri_numerator", "KRI numerator per site", ["site", "kri"])
-        self.denominator = g("protocol_monitor_kri_denominator", "KRI denominator per site", ["site", "kri"])
-        self.score = g("protocol_monitor_kri_score", "KRI score (z, over-dispersion adjusted, or exact-test "
-                       "equivalent) per site; absent when the site is not flagged", ["site", "kri"])
-        self.flag = g("protocol_monitor_kri_flag", "KRI flag per site: 0 green, 1 amber, 2 red, -1 not flagged "
-                      "(under the minimum accrual)", ["site", "kri"])
-        self.limit = g("protocol_monitor_kri_funnel_limit", "Funnel limit at the site's denominator",
-                       ["site", "kri", "bound"])
-        self.trial_rate = g("protocol_monitor_kri_trial_rate", "Trial-wide KRI rate (sites over the minimum)",
-                            ["kri"])
-        self.phi = g("protocol_monitor_kri_overdispersion", "Spiegelhalter over-dispersion factor phi", ["kri"])
-        self.qtl_value = g("protocol_monitor_qtl_value", "QTL figure (a share, 0-1)", ["qtl"])
-        self.qtl_limit = g("protocol_monitor_qtl_limit", "QTL limit (a share, 0-1)", ["qtl"])
-        self.qtl_breached = g("protocol_monitor_qtl_breached", "1 while the QTL is breached", ["qtl"])
-        from prometheus_client import Gauge as _G
-
-        self.seconds = _G("protocol_monitor_kri_recompute_seconds", "Duration of the last KRI recomputation",
-                          registry=registry)
-        self._known: dict[int, set[tuple[str, ...]]] = {}
-
-    def _set(self, gauge: Any, values: dict[tuple[str, ...], float]) -> None:
-        known = self._known.get(id(gauge), set())
-        for key in known - set(values):
-            try:
-                gauge.remove(*key)
-            except KeyError:
-                pass
-        for key, v in values.items():
-            gauge.labels(*key).set(v)
-        self._known[id(gauge)] = set(values)
+        self._latest: tuple[Sequence[KriResult], Sequence[QtlResult], float] | None = None
+        registry.register(self)
 
     def publish(self, results: Sequence[KriResult], qtls: Sequence[QtlResult], seconds: float) -> None:
-        value: dict[tuple[str, ...], float] = {}
-        num: dict[tuple[str, ...], float] = {}
-        den: dict[tuple[str, ...], float] = {}
-        score: dict[tuple[str, ...], float] = {}
-        flag: dict[tuple[str, ...], float] = {}
-        limit: dict[tuple[str, ...], float] = {}
+        self._latest = (list(results), list(qtls), seconds)
+
+    def describe(self) -> list[Any]:
+        return []  # families are known only once computed; registering must not call collect()
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        latest = self._latest
+        if latest is None:
+            return
+        results, qtls, seconds = latest
+
+        def family(name: str, doc: str, labels: list[str]) -> Any:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        value = family("protocol_monitor_kri_value", "KRI value per site (a rate, or the descriptive statistic)",
+                       ["site", "kri"])
+        numerator = family("protocol_monitor_kri_numerator", "KRI numerator per site", ["site", "kri"])
+        denominator = family("protocol_monitor_kri_denominator", "KRI denominator per site", ["site", "kri"])
+        score = family("protocol_monitor_kri_score", "KRI score (z, over-dispersion adjusted, or the exact test's "
+                       "equivalent) per site; absent when the site is not flagged", ["site", "kri"])
+        flag = family("protocol_monitor_kri_flag", "KRI flag per site: 0 green, 1 amber, 2 red, -1 not flagged "
+                      "(under the minimum accrual)", ["site", "kri"])
+        limit = family("protocol_monitor_kri_funnel_limit", "Funnel limit at the site's denominator",
+                       ["site", "kri", "bound"])
+        trial_rate = family("protocol_monitor_kri_trial_rate", "Trial-wide KRI rate (sites over the minimum)",
+                            ["kri"])
+        phi = family("protocol_monitor_kri_overdispersion", "Spiegelhalter over-dispersion factor phi", ["kri"])
         for r in results:
+            name = r.kri.name
             for s in r.sites:
-                key = (s.site, r.kri.name)
                 if s.value is not None:
-                    value[key] = s.value
-                num[key] = s.numerator
-                den[key] = s.denominator
+                    value.add_metric([s.site, name], s.value)
+                numerator.add_metric([s.site, name], s.numerator)
+                denominator.add_metric([s.site, name], s.denominator)
                 if s.score is not None:
-                    score[key] = s.score
+                    score.add_metric([s.site, name], s.score)
                 if r.kri.method != "descriptive":
-                    flag[key] = FLAG_VALUE[s.flag]
+                    flag.add_metric([s.site, name], FLAG_VALUE[s.flag])
                 for bound, v in s.limits.items():
-                    limit[(s.site, r.kri.name, bound)] = v
-        for gauge, values in ((self.value, value), (self.numerator, num), (self.denominator, den),
-                              (self.score, score), (self.flag, flag), (self.limit, limit)):
-            self._set(gauge, values)
-        self._set(self.trial_rate, {(r.kri.name,): r.trial_rate for r in results if r.trial_rate is not None})
-        self._set(self.phi, {(r.kri.name,): r.phi for r in results if r.phi is not None})
-        self._set(self.qtl_value, {(q.qtl.id,): q.figure for q in qtls if q.figure is not None})
-        self._set(self.qtl_limit, {(q.qtl.id,): q.qtl.limit for q in qtls})
-        self._set(self.qtl_breached, {(q.qtl.id,): 1.0 if q.breached else 0.0 for q in qtls})
-        self.seconds.set(seconds)
+                    limit.add_metric([s.site, name, bound], v)
+            if r.trial_rate is not None:
+                trial_rate.add_metric([name], r.trial_rate)
+            if r.phi is not None:
+                phi.add_metric([name], r.phi)
+        qtl_value = family("protocol_monitor_qtl_value", "QTL figure (a share, 0-1)", ["qtl"])
+        qtl_limit = family("protocol_monitor_qtl_limit", "QTL limit (a share, 0-1)", ["qtl"])
+        qtl_breached = family("protocol_monitor_qtl_breached", "1 while the QTL is breached", ["qtl"])
+        for q in qtls:
+            if q.figure is not None:
+                qtl_value.add_metric([q.qtl.id], q.figure)
+            qtl_limit.add_metric([q.qtl.id], q.qtl.limit)
+            qtl_breached.add_metric([q.qtl.id], 1.0 if q.breached else 0.0)
+        took = GaugeMetricFamily("protocol_monitor_kri_recompute_seconds", "Duration of the last KRI recomputation",
+                                 value=seconds)
+        yield from (value, numerator, denominator, score, flag, limit, trial_rate, phi, qtl_value, qtl_limit,
+                    qtl_breached, took)
 
 
 # --------------------------------------------------------------------------------------------------------------

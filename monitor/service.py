@@ -150,6 +150,8 @@ class MonitorService:
             for record in getattr(fresh, "open", {}).values():
                 alert = Alert.model_validate(record)
                 self._open_published.setdefault(alert.subject_id, []).append(alert)
+            if self.site_risk is not None:  # open QTL breaches on the topic: continued, or withdrawn if over
+                self.site_risk.qtl_book.adopt(self._open_published.get("trial", []))
         ends = self.source.end_offsets(tps)
         self._newly_assigned = [tp for tp in self._newly_assigned if tp not in tps]
         for tp in tps:

@@ -405,3 +405,52 @@ def test_rules_validate_accepts_the_bundled_kri_file():
     spec = load_rules().kri
     assert spec is not None and len(spec.kris) >= 9 and {q.id for q in spec.qtls} == {
         "QTL-MAJOR-DOSING-SHARE", "QTL-PRIMARY-ENDPOINT-MISSING", "QTL-INELIGIBLE-RANDOMISED"}
+
+
+def test_after_a_restart_an_open_qtl_alert_is_adopted_not_raised_twice_and_withdrawn_when_over():
+    from monitor.kri import QtlBook, QtlResult, QtlSpec
+
+    q = QtlSpec(id="QTL-INELIGIBLE-RANDOMISED", title="t", numerator="participants_ineligible",
+                denominator="participants_enrolled", limit=0.02)
+    now = dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
+    breached = [QtlResult(qtl=q, numerator=1, denominator=10, figure=0.1, breached=True, participants=["A"])]
+    within = [QtlResult(qtl=q, numerator=0, denominator=10, figure=0.0, breached=False, participants=[])]
+    [raised] = QtlBook().reconcile(breached, now=now, version="v1")
+    restarted = QtlBook()
+    restarted.adopt([raised])
+    assert restarted.reconcile(breached, now=now, version="v1") == []
+    [withdrawn] = restarted.reconcile(within, now=now, version="v1")
+    assert withdrawn.status == "retracted" and withdrawn.retracts == raised.alert_id
+    [again] = restarted.reconcile(breached, now=now, version="v1")
+    assert again.alert_id not in (raised.alert_id,)
+
+
+def test_the_kri_command_prints_the_table_for_a_replayed_file_and_for_a_store(tmp_path, capsys):
+    from monitor.cli import main
+    from monitor.generate import write_cohort
+
+    events = tmp_path / "cohort.jsonl"
+    assert write_cohort(subjects=12, days=2, seed=3, sites=3, deviation_rate=0.3, output=str(events)) == 0
+    with events.open("a") as f:
+        f.write('{"site_id": "FR-BIC-01", "broken": true}\n')  # a dead letter, counted for its site
+    assert main(["kri", str(events)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("site risk at ") and "major_dosing_deviation_rate" in out and "QTL-INELIGIBLE-RANDOMISED" in out
+    dead = next(line for line in out.splitlines() if line.startswith("dead_letter_rate") and "FR-BIC-01" in line)
+    assert dead.split()[2] == "1"
+
+    store = AlertStore(url=f"sqlite:///{tmp_path / 'alerts.db'}")
+    rules = load_rules()
+    clock = ReplayClock()
+    monitor = Monitor.create(rules=rules, clock=clock)
+    sink = ListSink()
+    replay(source=MemorySource(events=[json.loads(x) for x in events.read_text().splitlines()[:-1]]),
+           monitor=monitor, clock=clock, alerts=sink, rejects=ListSink(), until=None)
+    for alert in sink.items:
+        store.add_record(alert)
+    first = store.list(state="raised")[0]["alert_id"]
+    store.acknowledge(first, by="j.martin", reason="seen")
+    store.close()
+    assert main(["kri", "--store", f"sqlite:///{tmp_path / 'alerts.db'}"]) == 0
+    out = capsys.readouterr().out
+    assert "time_to_acknowledge_median_hours" in out and "not flagged: 0 participants, under the minimum of 3" in out
