@@ -771,11 +771,14 @@ class Snapshot:
 class SiteRisk:
     """Recomputes the KRIs and QTLs of a monitor on a schedule (`interval_s`, default a minute), publishes the
     gauges and returns the QTL alert records to send through the alert path. Dependencies are passed in: the KRI
-    spec, the intake tally, the metrics (optional), and a store reader for the inbox timings (optional)."""
+    spec, the intake tally, the metrics (optional), and a store reader for the inbox timings (optional).
+    `raise_alerts` False computes the QTLs (gauges, table) without raising alerts: with several instances, each
+    sees only its partitions' subjects, so exactly one instance must raise them (setting `qtl_alerts`)."""
 
     def __init__(self, *, spec: KriFile, intake: IntakeTally, metrics: KriMetrics | None = None,
-                 interval_s: float = 60.0, store_alerts: Any = None) -> None:
+                 interval_s: float = 60.0, store_alerts: Any = None, raise_alerts: bool = True) -> None:
         self.spec = spec
+        self.raise_alerts = raise_alerts
         self.intake = intake
         self.metrics = metrics
         self.interval_s = interval_s
@@ -799,7 +802,7 @@ class SiteRisk:
                     store_now=dt.datetime.now(dt.timezone.utc) if timings is not None else None)
         results = score_all(self.spec, m)
         qtls = evaluate_qtls(self.spec, m)
-        alerts = self.qtl_book.reconcile(qtls, now=now, version=monitor.rules.version)
+        alerts = self.qtl_book.reconcile(qtls, now=now, version=monitor.rules.version) if self.raise_alerts else []
         seconds = time.perf_counter() - started
         self.last = Snapshot(at=now, results=results, qtls=qtls, seconds=seconds)
         if self.metrics is not None:

@@ -150,7 +150,7 @@ class MonitorService:
             for record in getattr(fresh, "open", {}).values():
                 alert = Alert.model_validate(record)
                 self._open_published.setdefault(alert.subject_id, []).append(alert)
-            if self.site_risk is not None:  # open QTL breaches on the topic: continued, or withdrawn if over
+            if self.site_risk is not None and self.site_risk.raise_alerts:  # open QTL breaches: taken over
                 self.site_risk.qtl_book.adopt(self._open_published.get("trial", []))
         ends = self.source.end_offsets(tps)
         self._newly_assigned = [tp for tp in self._newly_assigned if tp not in tps]
@@ -615,7 +615,7 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
         from monitor.kri import IntakeTally, KriMetrics, SiteRisk, timings_from_store
 
         service.site_risk = SiteRisk(spec=rules.kri, intake=IntakeTally(), metrics=KriMetrics(registry=metrics.registry),
-                                     interval_s=settings.kri_interval_seconds,
+                                     interval_s=settings.kri_interval_seconds, raise_alerts=settings.qtl_alerts,
                                      store_alerts=(lambda: timings_from_store(store)) if store is not None else None)
     if settings.metrics_port:  # up before Kafka: /healthz answers, /readyz says "not ready" while we connect
         service.metrics_server = HealthServer(registry=metrics.registry, host=settings.metrics_host,

@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from connectors.base import RawRecord
@@ -454,3 +456,27 @@ def test_the_kri_command_prints_the_table_for_a_replayed_file_and_for_a_store(tm
     assert main(["kri", "--store", f"sqlite:///{tmp_path / 'alerts.db'}"]) == 0
     out = capsys.readouterr().out
     assert "time_to_acknowledge_median_hours" in out and "not flagged: 0 participants, under the minimum of 3" in out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    path=st.sampled_from([("kris", 0, "numerator"), ("kris", 1, "method"), ("kris", 0, "thresholds"),
+                            ("kris", 5, "statistic"), ("qtls", 0, "limit"), ("qtls", 1, "denominator"),
+                            ("kris", 2, "minimum"), ("follow_up_days",), ("kris",), ("qtls", 2)]),
+    value=st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
+                      st.text(max_size=12), st.lists(st.integers(), max_size=2),
+                      st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)))
+def test_any_mutation_of_kri_yaml_is_accepted_or_refused_with_file_and_line(tmp_path_factory, path, value):
+    import yaml
+
+    target = tmp_path_factory.mktemp("kri")
+    doc = yaml.safe_load((DEFAULT_RULES_DIR / "kri.yaml").read_text())
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (target / "kri.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
+    try:
+        load_kri(target)
+    except RuleFileError as exc:
+        assert exc.problems and all(p[0].endswith("kri.yaml") for p in exc.problems)
