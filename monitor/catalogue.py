@@ -52,6 +52,14 @@ def catalogue(rules: RuleSet) -> str:
         out.append(f"* Alert `at`: `{spec.at}`; defined in `{where}` line {rule.line}")
         tests = covered.get(rule_id, [])
         out.append(f"* Tests ({len(tests)}): " + ("; ".join(tests) if tests else "**none**"))
+    if rules.kri is not None and rules.kri.qtls:  # trial-level limits: alerts of their own (docs/SITE_RISK.md)
+        out += ["", "## Quality tolerance limits (`kri.yaml`)", "",
+                "Trial-wide limits, not per-subject rules: a breach raises an alert of category `quality_tolerance` "
+                "(subject `trial`, site `all`) with the figure, the limit and the participants counted, withdrawn "
+                "when the trial is back within the limit. Tested by `tests/monitor/test_kri.py`.", "",
+                "| id | severity | breached when | statement |", "|---|---|---|---|"]
+        for q in rules.kri.qtls:
+            out.append(f"| {q.id} | {q.severity} | {q.numerator} / {q.denominator} > {q.limit:.1%} | {q.title} |")
     return "\n".join(out) + "\n"
 
 

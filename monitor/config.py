@@ -165,6 +165,8 @@ class Settings(BaseSettings):
         default="wall", description="wall: live deadlines; stream: the events' recorded_at (replaying history)")
     tick_seconds: float = Field(default=0.5, gt=0, le=60, description="how often deadlines are checked when idle")
     rules_watch_seconds: float = Field(default=2.0, ge=0, description="poll the rules directory for edits (0 = only SIGHUP)")
+    kri_interval_seconds: float = Field(default=60.0, gt=0, description="how often site-risk KRIs and QTLs are recomputed (rules/kri.yaml)")
+    qtl_alerts: bool = Field(default=False, description="raise QTL breach alerts from this instance: turn it on for one instance only (each scores the subjects of its own partitions)")
     poll_max_records: int = Field(default=500, ge=1)
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000

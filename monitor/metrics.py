@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from monitor.alerts import Alert
 
-LABELS = {"site", "rule", "severity", "category", "type", "reason", "topic", "partition", "arm", "version"}
+LABELS = {"site", "rule", "severity", "category", "type", "reason", "topic", "partition", "arm", "version",
+          "kri", "bound", "qtl"}  # the last three: site-risk gauges (monitor/kri.py)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 

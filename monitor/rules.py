@@ -668,6 +668,7 @@ class RuleSet:
     tables: Tables
     rules: dict[str, Rule]
     files: tuple[str, ...] = field(default=())
+    kri: Any = None  # monitor.kri.KriFile from kri.yaml, or None without one
 
     def engine_definition(self) -> dict[str, Any]:
         """The durable_rules ruleset body: rule name → definition (identical for every shard)."""
@@ -724,7 +725,14 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
         problems.extend(_plausibility_problems(root / PLAUSIBILITY_FILE, texts, parameters, plausibility))
 
     rules: dict[str, Rule] = {}
-    rule_files = [p for p in files if p.parent == root and p.name != "parameters.yaml"]
+    rule_files = [p for p in files if p.parent == root and p.name not in ("parameters.yaml", "kri.yaml")]
+    try:  # the site-risk KRIs and QTLs (issue 20) are checked with the rules: a bad one is refused the same way
+        from monitor.kri import load_kri
+
+        kri = load_kri(root)
+    except RuleFileError as exc:
+        problems.extend(exc.problems)
+        kri = None
     if not rule_files:
         problems.append((str(root), None, "no rule files (*.yaml) found"))
     for p in rule_files:
@@ -791,6 +799,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
         tables=Tables(cyp450=cyp, immunosuppressants=immuno, live_vaccines=live, plausibility=plausibility),
         rules=rules,
         files=tuple(str(p.relative_to(root)) for p in files),
+        kri=kri,
     )
 
 

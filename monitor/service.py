@@ -117,6 +117,7 @@ class MonitorService:
         self.retry_max_s = 30.0
         self._delay = self.retry_base_s
         self._trouble_logged_at = 0.0
+        self.site_risk: Any = None  # monitor.kri.SiteRisk when rules/kri.yaml exists: recomputed on its schedule
 
     # ---- partitions -------------------------------------------------------------------------------------------
     # kafka-python 3 runs rebalance listeners on its IO thread, where no blocking call is allowed: the listener
@@ -149,6 +150,8 @@ class MonitorService:
             for record in getattr(fresh, "open", {}).values():
                 alert = Alert.model_validate(record)
                 self._open_published.setdefault(alert.subject_id, []).append(alert)
+            if self.site_risk is not None and self.site_risk.raise_alerts:  # open QTL breaches: taken over
+                self.site_risk.qtl_book.adopt(self._open_published.get("trial", []))
         ends = self.source.end_offsets(tps)
         self._newly_assigned = [tp for tp in self._newly_assigned if tp not in tps]
         for tp in tps:
@@ -215,6 +218,8 @@ class MonitorService:
                     self.metrics.events_rejected.labels(exc.reason).inc()
                 log.warning("rejected %s: %s", rec.origin, exc.reason)
                 self.dead_letters.add(rec, exc)
+                if self.site_risk is not None:
+                    self.site_risk.intake.dead_lettered(rec.value)
                 continue
             self.stats["events"] += 1
             if self.metrics is not None:
@@ -243,6 +248,8 @@ class MonitorService:
             self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
         produced.extend((a, None) for a in self.monitor.tick())
         self._dead_letter_failures()
+        if self.site_risk is not None and self.state.ready and self.site_risk.due():  # QTL breaches: same path
+            produced.extend((a, None) for a in self.site_risk.recompute(self.monitor))
         self._outbox = _Outbox(alerts=produced, offsets=offsets)
         self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
@@ -260,6 +267,8 @@ class MonitorService:
                 if self.metrics is not None:
                     self.metrics.events_rejected.labels(error.reason).inc()
                 self.dead_letters.add(rec, error)
+                if self.site_risk is not None:
+                    self.site_risk.intake.dead_lettered(rec.value)
 
     def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
         if self.settings.clock == "stream" or rec.timestamp_ms is None or rec.timestamp_ms < 0:
@@ -467,6 +476,8 @@ class MonitorService:
                 self.metrics.rules_reload_failures.inc()
             return False
         self.monitor = new
+        if self.site_risk is not None and rules.kri is not None:
+            self.site_risk.spec = rules.kri  # an edited kri.yaml applies from the next recomputation
         self._outbox = _Outbox(alerts=changes, offsets={})
         self._settle()  # held and retried by run() if the broker does not acknowledge
         if self.metrics is not None:
@@ -596,6 +607,12 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
                              on_alert=on_alert, refresh_published=lambda: published_alerts(settings=settings),
                              metrics=metrics)
     service.audit_store = store
+    if rules.kri is not None:
+        from monitor.kri import IntakeTally, KriMetrics, SiteRisk, timings_from_store
+
+        service.site_risk = SiteRisk(spec=rules.kri, intake=IntakeTally(), metrics=KriMetrics(registry=metrics.registry),
+                                     interval_s=settings.kri_interval_seconds, raise_alerts=settings.qtl_alerts,
+                                     store_alerts=(lambda: timings_from_store(store)) if store is not None else None)
     if settings.metrics_port:  # up before Kafka: /healthz answers, /readyz says "not ready" while we connect
         service.metrics_server = HealthServer(registry=metrics.registry, host=settings.metrics_host,
                                               port=settings.metrics_port, ready=lambda: service.state.ready).start()

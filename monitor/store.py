@@ -407,6 +407,13 @@ class AlertStore:
             return [dict(zip(["alert_id", "state", "severity", "rule", "subject_id", "site_id", "at"], r))
                     for r in cur.fetchall()]
 
+    def alert_timings(self) -> "builtins.list[tuple[str, str, str, str | None]]":
+        """(site_id, state, raised_at, ack_at) of every alert: the site-risk KRIs (monitor/kri.py) read the age of
+        open alerts and the time to acknowledge from here. No subject id leaves the store this way."""
+        with self._tx() as cur:
+            cur.execute("SELECT site_id, state, raised_at, ack_at FROM alerts")
+            return [(r[0], r[1], r[2], r[3]) for r in cur.fetchall()]
+
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def acknowledge(self, alert_id: str, *, by: str, reason: str = "") -> None:
         self._transition(alert_id, by=by, reason=reason, action="acknowledged", allowed=("raised",),

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from monitor.broker import LocalBroker, free_port
+from monitor.generate import generate
 from tests.conftest import SHARED, load_scenario
 from tests.connectors.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
 
@@ -32,7 +33,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel["targets"]:
                 expr = (target["expr"].replace("$__rate_interval", "1m").replace("$site", ".*")
-                        .replace("$rule", ".*"))
+                        .replace("$rule", ".*").replace("$kri", ".*"))
                 out.append((f"{path.stem}: {panel['title']}", expr))
     return out
 
@@ -53,6 +54,8 @@ def query(base: str, expr: str) -> dict:
 def test_dashboards_and_rules_against_a_real_prometheus(tmp_path):
     header, events = load_scenario(SHARED / "scenarios" / "06_overdose_above_8mgkg.jsonl")
     _, more = load_scenario(SHARED / "scenarios" / "21_late_dose_record_retracts_alert.jsonl")
+    # two sites with enough participants (>= 3, 30 days) for the site-risk scores and funnel limits to exist
+    more += list(generate(subjects=9, days=2, seed=5, sites=2))
     tag = uuid.uuid4().hex[:8]
     topics = {"events": f"prom-events-{tag}", "alerts": f"prom-alerts-{tag}", "dead": f"prom-dead-{tag}"}
     metrics_port, prom_port = free_port(), free_port()
