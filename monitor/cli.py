@@ -40,9 +40,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     rules = load_rules(args.rules)
     clock = ReplayClock()
     monitor = Monitor.create(rules=rules, clock=clock, max_events_per_subject=args.max_events_per_subject)
+    mapper = None
+    if args.input_format == "fhir":
+        from monitor.fhir import FhirMapper, load_code_map
+
+        mapper = FhirMapper(code_map=load_code_map(args.fhir_codes))
     summary = replay(source=JsonLinesSource(paths=args.files), monitor=monitor, clock=clock,
                      alerts=JsonLinesAlertSink(stream=sys.stdout), rejects=TextRejectSink(stream=sys.stderr),
-                     until=args.until)
+                     until=args.until, mapper=mapper)
     for line in summary.lines(monitor):
         print(line, file=sys.stderr)
     return 0
@@ -57,7 +62,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in (
         "bootstrap_servers", "events_topic", "alerts_topic", "dead_letter_topic", "group_id", "metrics_port",
-        "rules", "clock", "store")}
+        "rules", "clock", "store", "input_format", "fhir_codes")}
     settings = load_settings(config_file=args.config, overrides=overrides)
     stop = threading.Event()
 
@@ -251,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", default=None, metavar="DIR", help="rules directory (default: the bundled rules/)")
     p.add_argument("--max-events-per-subject", type=int, default=10_000, metavar="N",
                    help="new events of a subject beyond N are rejected as subject_limit (default 10000)")
+    p.add_argument("--input-format", choices=["flat", "fhir"], default="flat",
+                   help="flat: the monitor's JSON events (default); fhir: FHIR R4 resources or Bundles, one a line")
+    p.add_argument("--fhir-codes", default=None, metavar="FILE",
+                   help="FHIR code map (default: the bundled rules/fhir/codes.yaml)")
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("run", help="run the service: events from Kafka, alerts and dead letters to Kafka")
@@ -265,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="alert store URL: the rules versions loaded go to its audit trail")
     p.add_argument("--clock", choices=["wall", "stream"], default=None,
                    help="wall: live deadlines (default); stream: the events' recorded_at")
+    p.add_argument("--input-format", choices=["flat", "fhir"], default=None,
+                   help="flat: the monitor's JSON events (default); fhir: a FHIR R4 resource or Bundle per record")
+    p.add_argument("--fhir-codes", default=None, metavar="FILE", help="FHIR code map (default: rules/fhir/codes.yaml)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("notify", help="alerts topic → alert store → e-mail and webhooks (routes in the config)")

@@ -112,6 +112,7 @@ class MonitorService:
         self._rules_fingerprint = _fingerprint(monitor.rules.directory)
         self._watched_at = time.monotonic()
         self.stats = {"events": 0, "rejected": 0, "alerts_published": 0, "alerts_suppressed": 0}
+        self._fhir: Any = None  # the FHIR mapper, made at the first FHIR record (input_format: fhir)
         self._outbox: _Outbox | None = None  # a batch whose alerts or offsets are not out yet (broker trouble)
         self.retry_base_s = 1.0  # back-off while the broker does not answer: doubles up to retry_max_s
         self.retry_max_s = 30.0
@@ -191,6 +192,9 @@ class MonitorService:
         """Process one poll's records, publish what they caused, then commit their offsets."""
         produced: list[tuple[Alert, int | None]] = []
         offsets: dict[TopicPartition, int] = {}
+        fhir_offsets: dict[TopicPartition, int] = {}
+        if self.settings.input_format == "fhir":  # FHIR records become flat ones first (monitor/fhir.py)
+            records, fhir_offsets = self._from_fhir(records)
         batch: list = []
         batch_ts: list[int | None] = [None]
 
@@ -243,9 +247,38 @@ class MonitorService:
             self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
         produced.extend((a, None) for a in self.monitor.tick())
         self._dead_letter_failures()
+        for tp, off in fhir_offsets.items():  # a FHIR record that gave no event is still consumed
+            offsets[tp] = max(offsets.get(tp, 0), off)
         self._outbox = _Outbox(alerts=produced, offsets=offsets)
         self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
+
+    def _from_fhir(self, records: list[RawRecord]) -> tuple[list[RawRecord], dict[TopicPartition, int]]:
+        """Map FHIR records to flat ones; refusals go to the dead letters with the original bytes, ignored
+        resources are counted (`fhir_ignored`). Also returns the offsets consumed, events or not."""
+        from monitor.fhir import FhirMapper, flat_records, load_code_map
+
+        if self._fhir is None:
+            self._fhir = FhirMapper(code_map=load_code_map(self.settings.fhir_codes),
+                                    max_bytes=self.settings.max_message_bytes)
+        out: list[RawRecord] = []
+        offsets: dict[TopicPartition, int] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            offsets[tp] = int(rec.offset) + 1  # type: ignore[arg-type]
+            mapped = self._fhir.map_record(rec.value)
+            self.stats["fhir_ignored"] = self.stats.get("fhir_ignored", 0) + sum(mapped.ignored.values())
+            rebuilding = rec.offset is not None and rec.offset < self.state.bulk_until.get(tp, 0)
+            for exc in mapped.rejected:
+                if rebuilding:
+                    continue  # dead-lettered before the group committed past it
+                self.stats["rejected"] += 1
+                if self.metrics is not None:
+                    self.metrics.events_rejected.labels(exc.reason).inc()
+                log.warning("rejected %s: %s", rec.origin, exc.reason)
+                self.dead_letters.add(rec, exc)
+            out.extend(flat_records(rec, mapped))
+        return out, offsets
 
     def _dead_letter_failures(self) -> None:
         """Records of a subject whose evaluation failed were undone by the monitor (logged there): they go to the
