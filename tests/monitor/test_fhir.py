@@ -4,6 +4,7 @@ same final alerts as its flat form; bad FHIR goes to the dead letters with a pat
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,133 @@ def test_scenario_as_fhir_gives_the_same_alerts_as_flat(path, rules, tmp_path):
     assert sorted(map(_key, final_alerts(alerts))) == sorted(map(_key, final_alerts(flat)))
     withdrawn = sorted((a.rule, a.subject_id) for a in alerts if a.status == "retracted")
     assert withdrawn == sorted((a.rule, a.subject_id) for a in flat if a.status == "retracted")
+
+
+def _scenario(name: str):
+    path = next((p for p in SCENARIOS if p.name.startswith(name)), None)
+    if path is None:
+        pytest.skip(f"published scenario {name} not found")
+    return load_scenario(path)
+
+
+def test_versions_amend_and_entered_in_error_withdraws_like_the_flat_form(rules, tmp_path):
+    """Scenario 21: the late H12 dose withdraws DOSE-H12-MISSED-ESCALATION. Sent again changed (meta.versionId 2)
+    it stays an amendment; then entered-in-error (version 3) withdraws the dose, so the alert is raised again. The
+    flat form (same event id, status entered-in-error) gives exactly the same alerts."""
+    header, events = _scenario("21_")
+    dose = next(e for e in events if e["event_id"] == "ANA-021-E043")
+    amended = {**dose, "dose_mg": 27.3, "recorded_at": "2025-02-08T12:00:00+01:00", "status": "amended"}
+    withdrawn = {**amended, "recorded_at": "2025-02-08T13:00:00+01:00", "status": "entered-in-error"}
+    events = [*events, amended, withdrawn]
+    until = header["evaluation_horizon"]
+    lines = to_fhir_lines(events)
+    last = json.loads(lines[-1])["entry"][0]["resource"]
+    assert (last["meta"]["versionId"], last["status"]) == ("3", "entered-in-error")
+    flat, flat_rejects, _ = run_events(events, until=until, rules=rules, tmp_path=tmp_path)
+    alerts, rejects, summary, monitor = run_fhir(lines, until=until, rules=rules, tmp_path=tmp_path)
+    assert not rejects and not flat_rejects
+    assert monitor.stats.events["amended"] == 2
+    final = final_alerts(alerts)
+    assert ("DOSE-H12-MISSED-ESCALATION", "ANA-021") in {(a.rule, a.subject_id) for a in final}
+    assert sorted(map(_key, final)) == sorted(map(_key, final_alerts(flat)))
+
+
+def test_evidence_names_the_fhir_resource_type_id_and_version(rules, tmp_path):
+    header, events = _scenario("04_")
+    alerts, _, _, _ = run_fhir(to_fhir_lines(events), until=header["evaluation_horizon"], rules=rules,
+                               tmp_path=tmp_path)
+    alert = next(a for a in final_alerts(alerts) if a.rule == "DOSE-H12-MISSED-ESCALATION")
+    sources = alert.evidence["sources"]
+    assert set(alert.evidence["events"]) <= set(sources)
+    first = sources[alert.evidence["events"][0]]
+    assert first["resource_type"] in ("Observation", "MedicationAdministration")
+    assert first["resource_id"] == alert.evidence["events"][0]
+    assert first["version"] == "1"
+    assert first["fhir"] == f"{first['resource_type']}/{first['resource_id']}/_history/1"
+
+
+# ---- bad FHIR: dead letters with path and reason; what the rules do not need is ignored and counted ----------------
+SUBJECT = {"reference": "Patient/ANA-900"}
+META = {"versionId": "1", "lastUpdated": "2025-02-10T09:00:00+01:00",
+        "tag": [{"system": "urn:anacomp:site", "code": "FR-BIC-01"}]}
+
+
+def _obs(code: str, value: float, unit: str, **more):
+    return {"resourceType": "Observation", "id": f"o-{code}", "meta": META, "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]}, "subject": SUBJECT,
+            "effectiveDateTime": "2025-02-10T08:30:00+01:00",
+            "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
+            **more}
+
+
+def _bundle(*resources):
+    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
+
+
+BAD = [
+    ("invalid JSON", b'{"resourceType": "Observation", ', "malformed_json", "$"),
+    ("wrong resourceType", {**_obs("751-8", 1.2, "10*9/L"), "resourceType": "Observatoin"}, "fhir_resource_type",
+     "resourceType"),
+    ("missing subject", {k: v for k, v in _obs("751-8", 1.2, "10*9/L").items() if k != "subject"},
+     "fhir_no_subject", "Observation.subject"),
+    ("unknown LOINC", _obs("99999-9", 1.2, "10*9/L"), "fhir_unknown_code", "Observation.code.coding"),
+    ("wrong units", _obs("751-8", 1.2, "mg/dL"), "fhir_unit", "Observation.valueQuantity.code"),
+    ("percentage without WBC", _obs("770-8", 40, "%", specimen={"reference": "Specimen/s1"}),
+     "fhir_unpaired_percentage", "Observation.specimen"),
+    ("R5-only shape", {"resourceType": "MedicationStatement", "id": "m1", "meta": META, "status": "recorded",
+                       "subject": SUBJECT, "medication": {"concept": {"coding": [
+                           {"system": "http://www.whocc.no/atc", "code": "N02BA01"}]}}},
+     "fhir_not_r4", "MedicationStatement.medication"),
+    ("not a number", _obs("751-8", "lots", "10*9/L"), "fhir_invalid", "Observation.valueQuantity.value"),
+]
+
+
+@pytest.mark.parametrize("raw,reason,path", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_fhir_is_refused_with_its_path_and_reason(raw, reason, path):
+    data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+    for record in (data, json.dumps(_bundle(json.loads(data))).encode() if not isinstance(raw, bytes) else data):
+        mapped = FhirMapper().map_record(record)
+        assert not mapped.events
+        assert [(r.reason, r.path) for r in mapped.rejected] == [(reason, path)]
+        assert mapped.rejected[0].detail.startswith(path + ": ")
+
+
+def test_a_percentage_with_the_wbc_of_the_same_specimen_is_an_anc():
+    pct = _obs("770-8", 40, "%", specimen={"reference": "Specimen/s1"})
+    wbc = {**_obs("6690-2", 3.0, "10*9/L", specimen={"reference": "Specimen/s1"}), "id": "o-wbc"}
+    mapped = FhirMapper().map_record(json.dumps(_bundle(pct, wbc)))
+    assert not mapped.rejected
+    [(event, ref)] = mapped.events
+    assert (event["analyte"], event["value"], event["unit"]) == ("ANC", 1.2, "10*9/L")
+    assert ref == "Observation/o-770-8/_history/1"
+    other = {**wbc, "specimen": {"reference": "Specimen/s2"}}
+    mapped = FhirMapper().map_record(json.dumps(_bundle(pct, other)))
+    assert [r.reason for r in mapped.rejected] == ["fhir_unpaired_percentage"]
+
+
+def test_resources_the_rules_do_not_need_are_ignored_and_counted_not_dead_lettered():
+    patient = {"resourceType": "Patient", "id": "p1", "birthDate": "2022-01-01",
+               "address": [{"line": ["1 rue de la Paix"], "city": "Paris"}], "name": [{"family": "Martin"}]}
+    not_given = {"resourceType": "Immunization", "id": "i1", "meta": META, "status": "not-done", "patient": SUBJECT,
+                 "vaccineCode": {"text": "MMR"}, "occurrenceDateTime": "2025-02-10T08:30:00+01:00"}
+    mapped = FhirMapper().map_record(json.dumps(_bundle(patient, not_given, _obs("751-8", 1.2, "10*9/L"))))
+    assert not mapped.rejected
+    assert [e["analyte"] for e, _ in mapped.events] == ["ANC"]
+    assert sum(mapped.ignored.values()) == 2
+    assert "Martin" not in json.dumps(mapped.events) and "Paris" not in json.dumps(mapped.events)
+
+
+def test_replay_cli_reports_bad_fhir_with_path_and_counts_ignored(tmp_path):
+    import subprocess
+    import sys
+
+    lines = [b[1] if isinstance(b[1], bytes) else json.dumps(b[1]).encode() for b in BAD]
+    lines.append(json.dumps({"resourceType": "Patient", "id": "p1", "address": [{"city": "Paris"}]}).encode())
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", "--input-format", "fhir", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for _, _, reason, where in BAD:
+        assert f"{reason}: {where}: " in proc.stderr, (reason, proc.stderr)
+    assert "FHIR resources ignored (not needed by the rules): 1 (Patient 1)" in proc.stderr
