@@ -176,3 +176,20 @@ def test_replay_cli_reports_bad_fhir_with_path_and_counts_ignored(tmp_path):
     for _, _, reason, where in BAD:
         assert f"{reason}: {where}: " in proc.stderr, (reason, proc.stderr)
     assert "FHIR resources ignored (not needed by the rules): 1 (Patient 1)" in proc.stderr
+
+
+CHECK_TOOL = Path(__file__).resolve().parents[2].parent / "shared" / "tools" / "check_scenarios.py"
+
+
+@pytest.mark.skipif(not SCENARIOS or not CHECK_TOOL.is_file(), reason="../shared scenarios or check tool not found")
+def test_the_shared_check_tool_passes_every_scenario_replayed_as_fhir():
+    """The shared tools/check_scenarios.py, run with a --cmd that converts each scenario to FHIR Bundles and calls
+    `protocol-monitor replay --input-format fhir`: every published scenario passes, as it does in the flat form."""
+    import subprocess
+    import sys
+
+    shim = Path(__file__).resolve().parents[1] / "fhir_replay_shim.py"
+    proc = subprocess.run([sys.executable, str(CHECK_TOOL), "--cmd", f"{sys.executable} {shim}",
+                           *map(str, SCENARIOS)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"{len(SCENARIOS)}/{len(SCENARIOS)} scenarios pass"
