@@ -82,6 +82,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fhir_subscription(args: argparse.Namespace) -> int:
+    from connectors.fhir_subscription import serve
+    from monitor.config import load_settings
+
+    overrides = {name: getattr(args, name) for name in ("bootstrap_servers", "events_topic", "fhir_codes")}
+    settings = load_settings(config_file=args.config, overrides=overrides)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    return serve(settings=settings, host=args.host, port=args.port, path=args.path)
+
+
 def _cmd_notify(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -278,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat: the monitor's JSON events (default); fhir: a FHIR R4 resource or Bundle per record")
     p.add_argument("--fhir-codes", default=None, metavar="FILE", help="FHIR code map (default: rules/fhir/codes.yaml)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("fhir-subscription", help="FHIR Subscription endpoint (R4 Backport notifications) feeding the "
+                       "events topic with FHIR resources, keyed by subject (run the service with --input-format fhir)")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
+    p.add_argument("--bootstrap-servers", default=None)
+    p.add_argument("--events-topic", default=None)
+    p.add_argument("--fhir-codes", default=None, metavar="FILE", help="FHIR code map (subject identifier system)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; put TLS in front)")
+    p.add_argument("--port", type=int, default=8090, help="port (default 8090; 0 = any free port)")
+    p.add_argument("--path", default="/fhir/subscription", help="the Subscription's endpoint path")
+    p.set_defaults(func=_cmd_fhir_subscription)
 
     p = sub.add_parser("notify", help="alerts topic → alert store → e-mail and webhooks (routes in the config)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML configuration with `routes:`")

@@ -336,13 +336,13 @@ class FhirMapper:
                     exc.args = (f"{exc.reason}: {exc.detail}",)
                 out.rejected.append(exc)
                 continue
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:  # a valid but odd shape we missed
+                out.rejected.append(FhirRejected("fhir_unmappable", kind, f"{type(exc).__name__}: {exc}{where}"))
+                continue
             if payload is None:
                 out.ignored[f"{kind} not needed by the rules"] += 1
                 continue
             out.events.append((payload, self._reference(resource)))
-        for resource, _, _ in items:  # a WBC nobody used is not needed by the rules
-            if id(resource) in used_wbc:
-                out.ignored["Observation WBC (used for an ANC)"] += 1
 
     # -- common fields ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -740,6 +740,25 @@ class FhirMapper:
             tree = _extension_tree(crf, Enrollment)
             payload.update({k: v for k, v in tree.items() if k not in payload})
         return payload
+
+
+SUBJECT_ELEMENT = {"Immunization": "patient", "ResearchSubject": "individual"}
+
+
+def subject_key(resource: dict[str, Any], codes: CodeMap) -> str | None:
+    """The subject id a resource belongs to (for keying records by subject), or None; never raises."""
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        return None
+    if resource["resourceType"] == "Patient":
+        for i in resource.get("identifier") or []:
+            if isinstance(i, dict) and i.get("system") == codes.subject_system and i.get("value"):
+                return str(i["value"])
+        return str(resource["id"]) if resource.get("id") else None
+    try:
+        return FhirMapper(code_map=codes)._subject_id(
+            resource, SUBJECT_ELEMENT.get(resource["resourceType"], "subject"), {})
+    except (FhirRejected, AttributeError, TypeError):
+        return None
 
 
 def flat_records(record: RawRecord, mapped: Mapped) -> list[RawRecord]:
