@@ -132,6 +132,11 @@ def _cmd_rules_check(args: argparse.Namespace) -> int:
 
     rules = load_rules(args.dir)
     print(f"ok: {len(rules.rules)} rules, version {rules.version}, from {rules.directory}")
+    codes = Path(rules.directory) / "fhir" / "codes.yaml"
+    if codes.is_file():  # the FHIR code map (issue 18): refused with its problems like any rule file
+        from monitor.fhir import load_code_map
+
+        print(f"ok: FHIR code map, {len(load_code_map(codes).observations)} observation codes, from {codes}")
     return 0
 
 

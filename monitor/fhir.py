@@ -20,10 +20,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connectors.base import RawRecord
 from monitor.errors import EventRejected, RuleFileError
@@ -93,8 +93,68 @@ class CodeMap:
         return self.extension_base + name
 
 
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CodingSpec(_Strict):
+    system: str = Field(description="a short name from `systems`, or the system URI")
+    code: str
+    site: str | None = Field(default=None, description="a site-specific temperature code's measurement site")
+
+
+class ObservationSpec(_Strict):
+    concept: str
+    type: Literal["vital_sign", "lab_result", "echocardiogram"]
+    flat: dict[str, str] = Field(default_factory=dict, description="fields the event gets (analyte, code)")
+    codes: list[CodingSpec] = Field(min_length=1)
+    units: list[str] = Field(min_length=1, description="UCUM codes accepted in valueQuantity")
+
+
+class PercentageSpec(_Strict):
+    codes: list[CodingSpec] = Field(min_length=1)
+    units: list[str] = Field(min_length=1)
+    wbc_codes: list[CodingSpec] = Field(min_length=1)
+
+
+class IdentifierSpec(_Strict):
+    event_id_system: str
+    subject_system: str
+    site_tag_system: str
+    arm_tag_system: str
+
+
+class DrugSpec(_Strict):
+    name: str
+    atc: str
+    rxnorm: list[str] = Field(default_factory=list)
+    names: list[str] = Field(default_factory=list)
+
+
+DoseField = Literal["dose_mg", "dose_g", "dose_mg_per_kg", "dose_g_per_kg", "dose_mg_per_kg_per_day", "dose_iu"]
+
+
+class FhirCodesFile(_Strict):
+    """`rules/fhir/codes.yaml`: how FHIR R4 resources become events (docs/RULE_AUTHORS.md, Feeding FHIR)."""
+
+    systems: dict[str, str]
+    identifiers: IdentifierSpec
+    extension_base: str
+    observations: list[ObservationSpec] = Field(min_length=1)
+    neutrophil_percentage: PercentageSpec
+    ignored_observations: list[CodingSpec] = Field(default_factory=list, description="codes read and ignored")
+    echo_components: dict[str, str]
+    body_sites: dict[str, str]
+    routes: dict[str, str]
+    dose_units: dict[str, DoseField]
+    weight_units: dict[str, float]
+    drugs: list[DrugSpec] = Field(default_factory=list)
+    seriousness: dict[str, bool]
+
+
 def load_code_map(path: str | Path | None = None) -> CodeMap:
-    """Read and index the code map. A malformed file is a RuleFileError naming the file (nothing half-loaded)."""
+    """Read, validate and index the code map. A malformed file is a RuleFileError naming the file and each
+    problem (nothing half-loaded)."""
     where = Path(path) if path is not None else DEFAULT_CODE_MAP
     return _load_code_map(str(where.resolve()))
 
@@ -102,44 +162,41 @@ def load_code_map(path: str | Path | None = None) -> CodeMap:
 @lru_cache(maxsize=8)
 def _load_code_map(where: str) -> CodeMap:
     try:
-        data = yaml.safe_load(Path(where).read_text(encoding="utf-8"))
-        systems: dict[str, str] = dict(data["systems"])
-
-        def key(c: dict[str, Any]) -> tuple[str, str]:
-            return systems.get(c["system"], c["system"]), str(c["code"])
-
-        observations: dict[tuple[str, str], ObservationConcept] = {}
-        for entry in data["observations"]:
-            for c in entry["codes"]:
-                observations[key(c)] = ObservationConcept(
-                    concept=entry["concept"], type=entry["type"], flat=dict(entry.get("flat") or {}),
-                    units=tuple(str(u) for u in entry["units"]), site=c.get("site"))
-        pct = data["neutrophil_percentage"]
-        drugs_by_atc, drugs_by_rxnorm, drugs_by_name = {}, {}, {}
-        for d in data.get("drugs", []):
-            drug = Drug(name=d["name"], atc=d["atc"])
-            drugs_by_atc[d["atc"].upper()] = drug
-            for r in d.get("rxnorm") or []:
-                drugs_by_rxnorm[str(r)] = drug
-            for n in [d["name"], *(d.get("names") or [])]:
-                drugs_by_name[n.strip().lower()] = drug
-        ids = data["identifiers"]
-        return CodeMap(
-            systems=systems, event_id_system=ids["event_id_system"], subject_system=ids["subject_system"],
-            site_tag_system=ids["site_tag_system"], arm_tag_system=ids["arm_tag_system"],
-            extension_base=data["extension_base"], observations=observations,
-            percentage_codes=frozenset(key(c) for c in pct["codes"]),
-            percentage_units=tuple(pct["units"]), wbc_codes=frozenset(key(c) for c in pct["wbc_codes"]),
-            ignored_codes=frozenset(key(c) for c in data.get("ignored_observations") or []),
-            echo_components={str(k): str(v) for k, v in data["echo_components"].items()},
-            body_sites={str(k): str(v) for k, v in data["body_sites"].items()},
-            routes={str(k): str(v) for k, v in data["routes"].items()},
-            dose_units={str(k): str(v) for k, v in data["dose_units"].items()},
-            weight_units={str(k): float(v) for k, v in data["weight_units"].items()},
-            drugs_by_atc=drugs_by_atc, drugs_by_rxnorm=drugs_by_rxnorm, drugs_by_name=drugs_by_name,
-            seriousness={str(k): bool(v) for k, v in data["seriousness"].items()}, source=where)
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        data = FhirCodesFile.model_validate(yaml.safe_load(Path(where).read_text(encoding="utf-8")))
+    except ValidationError as exc:
+        raise RuleFileError([(where, None, ".".join(str(p) for p in e["loc"]) + ": " + e["msg"])
+                             for e in exc.errors(include_url=False)]) from None
+    except (OSError, yaml.YAMLError) as exc:
         raise RuleFileError([(where, None, f"FHIR code map unusable: {type(exc).__name__}: {exc}")]) from None
+    systems = dict(data.systems)
+
+    def key(c: CodingSpec) -> tuple[str, str]:
+        return systems.get(c.system, c.system), c.code
+
+    observations: dict[tuple[str, str], ObservationConcept] = {}
+    for entry in data.observations:
+        for c in entry.codes:
+            observations[key(c)] = ObservationConcept(concept=entry.concept, type=entry.type, flat=dict(entry.flat),
+                                                      units=tuple(entry.units), site=c.site)
+    drugs_by_atc, drugs_by_rxnorm, drugs_by_name = {}, {}, {}
+    for d in data.drugs:
+        drug = Drug(name=d.name, atc=d.atc)
+        drugs_by_atc[d.atc.upper()] = drug
+        for r in d.rxnorm:
+            drugs_by_rxnorm[r] = drug
+        for n in [d.name, *d.names]:
+            drugs_by_name[n.strip().lower()] = drug
+    ids, pct = data.identifiers, data.neutrophil_percentage
+    return CodeMap(
+        systems=systems, event_id_system=ids.event_id_system, subject_system=ids.subject_system,
+        site_tag_system=ids.site_tag_system, arm_tag_system=ids.arm_tag_system, extension_base=data.extension_base,
+        observations=observations, percentage_codes=frozenset(key(c) for c in pct.codes),
+        percentage_units=tuple(pct.units), wbc_codes=frozenset(key(c) for c in pct.wbc_codes),
+        ignored_codes=frozenset(key(c) for c in data.ignored_observations),
+        echo_components=dict(data.echo_components), body_sites=dict(data.body_sites), routes=dict(data.routes),
+        dose_units=dict(data.dose_units), weight_units=dict(data.weight_units), drugs_by_atc=drugs_by_atc,
+        drugs_by_rxnorm=drugs_by_rxnorm, drugs_by_name=drugs_by_name, seriousness=dict(data.seriousness),
+        source=where)
 
 
 # ---- validation with fhir.resources (R4B models) ---------------------------------------------------------------------

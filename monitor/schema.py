@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from monitor.facts import FACTS
+from monitor.fhir import FhirCodesFile
 from monitor.rules import (CypTable, ImmunosuppressantTable, LiveVaccineTable, Parameters, PlausibilityTable,
                            RuleFile)
 
@@ -25,6 +26,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "immunosuppressants.schema.json": ImmunosuppressantTable,
     "live_vaccines.schema.json": LiveVaccineTable,
     "plausibility.schema.json": PlausibilityTable,
+    "fhir_codes.schema.json": FhirCodesFile,  # rules/fhir/codes.yaml (issue 18)
 }
 
 

@@ -193,3 +193,27 @@ def test_the_shared_check_tool_passes_every_scenario_replayed_as_fhir():
                            *map(str, SCENARIOS)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == f"{len(SCENARIOS)}/{len(SCENARIOS)} scenarios pass"
+
+
+def test_the_code_map_validates_against_its_schema_and_a_broken_one_is_refused(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import jsonschema
+    import yaml
+
+    from monitor.rules import DEFAULT_RULES_DIR
+
+    codes = DEFAULT_RULES_DIR / "fhir" / "codes.yaml"
+    schema = json.loads((DEFAULT_RULES_DIR / "schema" / "fhir_codes.schema.json").read_text())
+    assert codes.read_text().splitlines()[0] == "# yaml-language-server: $schema=../schema/fhir_codes.schema.json"
+    jsonschema.validate(yaml.safe_load(codes.read_text()), schema)
+    rules = tmp_path / "rules"
+    shutil.copytree(DEFAULT_RULES_DIR, rules)
+    broken = rules / "fhir" / "codes.yaml"
+    broken.write_text(broken.read_text().replace("mg/kg: dose_mg_per_kg", "mg/kg: dose_per_kilo"))
+    proc = subprocess.run([sys.executable, "-m", "monitor", "rules", "validate", str(rules)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"{broken}:?: dose_units.mg/kg: Input should be" in proc.stderr
