@@ -156,11 +156,16 @@ def load_code_map(path: str | Path | None = None) -> CodeMap:
     """Read, validate and index the code map. A malformed file is a RuleFileError naming the file and each
     problem (nothing half-loaded)."""
     where = Path(path) if path is not None else DEFAULT_CODE_MAP
-    return _load_code_map(str(where.resolve()))
+    try:
+        stamp = where.stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _load_code_map(str(where.resolve()), stamp)
 
 
 @lru_cache(maxsize=8)
-def _load_code_map(where: str) -> CodeMap:
+def _load_code_map(where: str, stamp: int) -> CodeMap:
+    """Cached per file and modification time: an edited map is read again."""
     try:
         data = FhirCodesFile.model_validate(yaml.safe_load(Path(where).read_text(encoding="utf-8")))
     except ValidationError as exc:
@@ -235,7 +240,8 @@ def validate_resource(resource: dict[str, Any], *, where: str = "") -> str:
         model.model_validate(resource)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        first = errors[0]
+        # an element R4 does not have says most about the sender (an R5 feed): report it before what it lacks
+        first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
         path = _validation_path(resource_type, dict(first))
         if first.get("type") == "extra_forbidden":
             raise FhirRejected("fhir_not_r4", path, f"not an element of FHIR R4 {resource_type} (an R5 or "

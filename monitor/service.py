@@ -40,7 +40,7 @@ from connectors.base import AlertSink, RawRecord, RejectSink
 from monitor.alerts import Alert
 from monitor.clock import ReplayClock
 from monitor.config import Settings
-from monitor.errors import EventRejected, MonitorError, SinkUnavailable, SinkWaiting
+from monitor.errors import EventRejected, MonitorError, RuleFileError, SinkUnavailable, SinkWaiting
 from monitor.evaluator import Monitor
 from monitor.events import decode, parse_event
 from monitor.metrics import Metrics
@@ -258,9 +258,14 @@ class MonitorService:
         resources are counted (`fhir_ignored`). Also returns the offsets consumed, events or not."""
         from monitor.fhir import FhirMapper, flat_records, load_code_map
 
-        if self._fhir is None:
-            self._fhir = FhirMapper(code_map=load_code_map(self.settings.fhir_codes),
-                                    max_bytes=self.settings.max_message_bytes)
+        try:  # read again when edited (a site's local code is a data edit); a broken edit keeps the map in force
+            codes = load_code_map(self.settings.fhir_codes)
+            if self._fhir is None or self._fhir.codes is not codes:
+                self._fhir = FhirMapper(code_map=codes, max_bytes=self.settings.max_message_bytes)
+        except RuleFileError as exc:
+            if self._fhir is None:
+                raise
+            log.error("FHIR code map edit refused, the previous one stays in force: %s", exc)
         out: list[RawRecord] = []
         offsets: dict[TopicPartition, int] = {}
         for rec in records:
@@ -269,14 +274,14 @@ class MonitorService:
             mapped = self._fhir.map_record(rec.value)
             self.stats["fhir_ignored"] = self.stats.get("fhir_ignored", 0) + sum(mapped.ignored.values())
             rebuilding = rec.offset is not None and rec.offset < self.state.bulk_until.get(tp, 0)
-            for exc in mapped.rejected:
+            for refusal in mapped.rejected:
                 if rebuilding:
                     continue  # dead-lettered before the group committed past it
                 self.stats["rejected"] += 1
                 if self.metrics is not None:
-                    self.metrics.events_rejected.labels(exc.reason).inc()
-                log.warning("rejected %s: %s", rec.origin, exc.reason)
-                self.dead_letters.add(rec, exc)
+                    self.metrics.events_rejected.labels(refusal.reason).inc()
+                log.warning("rejected %s: %s", rec.origin, refusal.reason)
+                self.dead_letters.add(rec, refusal)
             out.extend(flat_records(rec, mapped))
         return out, offsets
 
@@ -614,6 +619,10 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     monitor = Monitor.create(rules=rules, clock=clock, max_events_per_subject=settings.max_events_per_subject)
     log.info("rules version %s loaded (%d rules) in %.1f s", rules.version, len(rules.rules),
              time.monotonic() - started)
+    if settings.input_format == "fhir":  # a broken FHIR code map refuses the start, like a broken rule file
+        from monitor.fhir import load_code_map
+
+        load_code_map(settings.fhir_codes)
     store = None
     if settings.store:
         from monitor.store import AlertStore

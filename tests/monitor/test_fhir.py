@@ -217,3 +217,34 @@ def test_the_code_map_validates_against_its_schema_and_a_broken_one_is_refused(t
                           text=True, timeout=120)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert f"{broken}:?: dose_units.mg/kg: Input should be" in proc.stderr
+
+
+def test_the_rule_authors_guide_local_code_example_maps_a_local_crp(tmp_path):
+    import re
+
+    import yaml
+
+    from monitor.fhir import DEFAULT_CODE_MAP, load_code_map
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "RULE_AUTHORS.md").read_text()
+    [block] = re.findall(r"```yaml fhir:observations\n(.*?)```", guide, flags=re.S)
+    data = yaml.safe_load(DEFAULT_CODE_MAP.read_text())
+    data["observations"] += yaml.safe_load(block)
+    path = tmp_path / "codes.yaml"
+    path.write_text(yaml.safe_dump(data))
+    obs = _obs("x", 45, "mg/L")
+    obs["code"] = {"coding": [{"system": "urn:oid:1.2.250.1.999.1.2", "code": "CRP-LOC"}]}
+    assert [r.reason for r in FhirMapper().map_record(json.dumps(obs)).rejected] == ["fhir_unknown_code"]
+    mapped = FhirMapper(code_map=load_code_map(path)).map_record(json.dumps(obs))
+    assert not mapped.rejected
+    [(event, _)] = mapped.events
+    assert (event["analyte"], event["value"], event["unit"]) == ("CRP", 45.0, "mg/L")
+
+
+def test_an_r5_research_subject_is_refused_as_not_r4():
+    r5 = {"resourceType": "ResearchSubject", "id": "r", "meta": META, "status": "active",
+          "study": {"reference": "ResearchStudy/NCT04656184"}, "subject": SUBJECT,
+          "assignedComparisonGroup": "anakinra"}
+    [refusal] = FhirMapper().map_record(json.dumps(r5)).rejected
+    assert refusal.reason == "fhir_not_r4" and refusal.path in ("ResearchSubject.subject",
+                                                                 "ResearchSubject.assignedComparisonGroup")
