@@ -248,3 +248,66 @@ def test_an_r5_research_subject_is_refused_as_not_r4():
     [refusal] = FhirMapper().map_record(json.dumps(r5)).rejected
     assert refusal.reason == "fhir_not_r4" and refusal.path in ("ResearchSubject.subject",
                                                                  "ResearchSubject.assignedComparisonGroup")
+
+
+def test_site_specific_codes_names_rxnorm_and_medication_requests_map():
+    axillary = _obs("8328-7", 37.6, "Cel")
+    [(temp, _)] = FhirMapper().map_record(json.dumps(axillary)).events
+    assert (temp["type"], temp["code"], temp["site"], temp["temperature_c"]) == ("vital_sign", "8310-5", "axillary",
+                                                                                   37.6)
+    request = {"resourceType": "MedicationRequest", "id": "rq1", "meta": META, "status": "active", "intent": "order",
+               "subject": SUBJECT, "authoredOn": "2025-02-10T08:00:00+01:00",
+               "medicationCodeableConcept": {"text": "Aspirin"},
+               "dosageInstruction": [{"timing": {"code": {"text": "q6h"}, "repeat": {"boundsPeriod": {
+                   "start": "2025-02-10T08:00:00+01:00"}}},
+                   "doseAndRate": [{"doseQuantity": {"value": 30, "unit": "mg/kg/d",
+                                                     "system": "http://unitsofmeasure.org", "code": "mg/kg/d"}}]}]}
+    [(conmed, ref)] = FhirMapper().map_record(json.dumps(request)).events
+    assert (conmed["type"], conmed["atc"], conmed["dose_mg_per_kg_per_day"], conmed["frequency"]) == (
+        "concomitant_medication", "N02BA01", 30.0, "q6h")
+    assert ref == "MedicationRequest/rq1/_history/1"
+    unknown = {**request, "medicationCodeableConcept": {"text": "a local herbal remedy"}}
+    [refusal] = FhirMapper().map_record(json.dumps(unknown)).rejected
+    assert (refusal.reason, refusal.path) == ("fhir_unknown_code", "MedicationRequest.medicationCodeableConcept")
+
+
+def test_any_json_and_any_mutation_of_a_resource_gives_events_or_refusals_never_an_exception():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    header, events = _scenario("45_")
+    samples = [json.loads(line) for line in to_fhir_lines(events)[:12]]
+    values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                      max_size=3), max_leaves=8)
+    mapper = FhirMapper()
+
+    def paths(node, prefix=()):
+        yield prefix
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from paths(v, (*prefix, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from paths(v, (*prefix, i))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, len(samples) - 1), st.integers(0, 10_000), values, st.booleans())
+    def check(which, where, value, delete):
+        doc = json.loads(json.dumps(samples[which]))
+        spots = [p for p in paths(doc) if p]
+        target = spots[where % len(spots)]
+        parent = doc
+        for step in target[:-1]:
+            parent = parent[step]
+        if delete and isinstance(parent, dict):
+            del parent[target[-1]]
+        else:
+            parent[target[-1]] = value
+        mapped = mapper.map_record(json.dumps(doc))
+        assert all(r.detail and r.reason for r in mapped.rejected)
+        assert all(isinstance(p, dict) for p, _ in mapped.events)
+
+    check()
+    for raw in (b"", b"null", b"[]", b"42", b'"x"', b"{}", b'{"resourceType": 5}', b"\xff\xfe"):
+        assert FhirMapper().map_record(raw).rejected
