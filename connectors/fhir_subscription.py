@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from monitor.config import Settings
 from monitor.errors import MonitorError, SinkUnavailable
-from monitor.fhir import CodeMap, load_code_map, subject_key
+from monitor.fhir import CodeMap, code_map_path, load_code_map, subject_key
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def serve(*, settings: Settings, host: str, port: int, path: str) -> int:
     import uvicorn
 
     producer = KafkaEventsProducer(settings=settings)
-    app = build_app(send=producer.send, codes=load_code_map(settings.fhir_codes), path=path,
+    app = build_app(send=producer.send, codes=load_code_map(code_map_path(settings.fhir_codes, settings.rules)), path=path,
                     max_bytes=settings.max_message_bytes * 10)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -42,9 +42,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     monitor = Monitor.create(rules=rules, clock=clock, max_events_per_subject=args.max_events_per_subject)
     mapper = None
     if args.input_format == "fhir":
-        from monitor.fhir import FhirMapper, load_code_map
+        from monitor.fhir import FhirMapper, code_map_path, load_code_map
 
-        mapper = FhirMapper(code_map=load_code_map(args.fhir_codes))
+        mapper = FhirMapper(code_map=load_code_map(code_map_path(args.fhir_codes, args.rules)))
     summary = replay(source=JsonLinesSource(paths=args.files), monitor=monitor, clock=clock,
                      alerts=JsonLinesAlertSink(stream=sys.stdout), rejects=TextRejectSink(stream=sys.stderr),
                      until=args.until, mapper=mapper)
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-format", choices=["flat", "fhir"], default="flat",
                    help="flat: the monitor's JSON events (default); fhir: FHIR R4 resources or Bundles, one a line")
     p.add_argument("--fhir-codes", default=None, metavar="FILE",
-                   help="FHIR code map (default: the bundled rules/fhir/codes.yaml)")
+                   help="FHIR code map (default: the rules directory's fhir/codes.yaml)")
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("run", help="run the service: events from Kafka, alerts and dead letters to Kafka")
@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall: live deadlines (default); stream: the events' recorded_at")
     p.add_argument("--input-format", choices=["flat", "fhir"], default=None,
                    help="flat: the monitor's JSON events (default); fhir: a FHIR R4 resource or Bundle per record")
-    p.add_argument("--fhir-codes", default=None, metavar="FILE", help="FHIR code map (default: rules/fhir/codes.yaml)")
+    p.add_argument("--fhir-codes", default=None, metavar="FILE",
+                   help="FHIR code map (default: the rules directory's fhir/codes.yaml)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("fhir-subscription", help="FHIR Subscription endpoint (R4 Backport notifications) feeding the "

@@ -152,6 +152,15 @@ class FhirCodesFile(_Strict):
     seriousness: dict[str, bool]
 
 
+def code_map_path(fhir_codes: str | Path | None, rules_dir: str | Path | None) -> Path:
+    """The code map in force: the one named, else the rules directory's `fhir/codes.yaml`, else the bundled one."""
+    if fhir_codes:
+        return Path(fhir_codes)
+    if rules_dir and (Path(rules_dir) / "fhir" / "codes.yaml").is_file():
+        return Path(rules_dir) / "fhir" / "codes.yaml"
+    return DEFAULT_CODE_MAP
+
+
 def load_code_map(path: str | Path | None = None) -> CodeMap:
     """Read, validate and index the code map. A malformed file is a RuleFileError naming the file and each
     problem (nothing half-loaded)."""

@@ -256,10 +256,10 @@ class MonitorService:
     def _from_fhir(self, records: list[RawRecord]) -> tuple[list[RawRecord], dict[TopicPartition, int]]:
         """Map FHIR records to flat ones; refusals go to the dead letters with the original bytes, ignored
         resources are counted (`fhir_ignored`). Also returns the offsets consumed, events or not."""
-        from monitor.fhir import FhirMapper, flat_records, load_code_map
+        from monitor.fhir import FhirMapper, code_map_path, flat_records, load_code_map
 
         try:  # read again when edited (a site's local code is a data edit); a broken edit keeps the map in force
-            codes = load_code_map(self.settings.fhir_codes)
+            codes = load_code_map(code_map_path(self.settings.fhir_codes, self.settings.rules))
             if self._fhir is None or self._fhir.codes is not codes:
                 self._fhir = FhirMapper(code_map=codes, max_bytes=self.settings.max_message_bytes)
         except RuleFileError as exc:
@@ -620,9 +620,9 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     log.info("rules version %s loaded (%d rules) in %.1f s", rules.version, len(rules.rules),
              time.monotonic() - started)
     if settings.input_format == "fhir":  # a broken FHIR code map refuses the start, like a broken rule file
-        from monitor.fhir import load_code_map
+        from monitor.fhir import code_map_path, load_code_map
 
-        load_code_map(settings.fhir_codes)
+        load_code_map(code_map_path(settings.fhir_codes, settings.rules))
     store = None
     if settings.store:
         from monitor.store import AlertStore
