@@ -52,7 +52,7 @@ class _Base(BaseModel):
     amendment_reason: str | None = None
     ingest_batch: str | None = None
     source: str | None = None
-    source_ref: Annotated[str, Field(max_length=400)] | None = None  # the record it was mapped from (FHIR Type/id/_history/v)
+    source_ref: Annotated[str, Field(max_length=400)] | None = None  # mapped from: FHIR Type/id/_history/version
 
 
 class KdDiagnosis(BaseModel):
