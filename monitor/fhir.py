@@ -263,7 +263,7 @@ def validate_resource(resource: dict[str, Any], *, where: str = "") -> str:
 
 
 # ---- the result of mapping one record ---------------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class Mapped:
     """What one record (a resource or a Bundle) gave: flat event payloads with the FHIR reference each came from,
     refusals, and the resources ignored (by kind; no identifiers, so counting them leaks nothing)."""

@@ -311,3 +311,26 @@ def test_any_json_and_any_mutation_of_a_resource_gives_events_or_refusals_never_
     check()
     for raw in (b"", b"null", b"[]", b"42", b'"x"', b"{}", b'{"resourceType": 5}', b"\xff\xfe"):
         assert FhirMapper().map_record(raw).rejected
+
+
+def test_entered_in_error_is_held_so_a_late_older_copy_stays_superseded():
+    from monitor.events import parse_event
+    from monitor.state import Applied, SubjectState
+
+    base = {"event_id": "E1", "subject_id": "S", "site_id": "X", "type": "vital_sign", "code": "8310-5",
+            "temperature_c": 38.4, "site": "tympanic", "occurred_at": "2025-02-10T08:00:00+01:00",
+            "recorded_at": "2025-02-10T08:10:00+01:00"}
+    withdrawn = {**base, "status": "entered-in-error", "recorded_at": "2025-02-10T09:00:00+01:00"}
+    state = SubjectState("S", "X")
+    assert state.apply(parse_event(base), json.dumps(base)) is Applied.NEW
+    assert [e.event_id for e in state.by_type()["vital_sign"]] == ["E1"]
+    assert state.apply(parse_event(withdrawn), json.dumps(withdrawn)) is Applied.AMENDED
+    assert state.by_type().get("vital_sign") == []
+    late = {**base, "temperature_c": 38.5}
+    assert state.apply(parse_event(late), json.dumps(late)) is Applied.SUPERSEDED
+    assert not state.by_type().get("vital_sign")
+    fresh = SubjectState("S", "X")
+    fresh.apply(parse_event(base), json.dumps(base))
+    fresh.apply(parse_event(withdrawn), json.dumps(withdrawn))
+    fresh._by_type = None  # built again from the held versions: still without the withdrawn event
+    assert not fresh.by_type().get("vital_sign")
