@@ -186,8 +186,11 @@ def build_app(*, send: Callable[[list[tuple[str | None, bytes]]], None], codes: 
     return Starlette(routes=[Route(path, post, methods=["POST"]), Route(path + "/stats", stats, methods=["GET"])])
 
 
-def serve(*, settings: Settings, host: str, port: int, path: str) -> int:
-    """`protocol-monitor fhir-subscription`: listen until SIGTERM/SIGINT (uvicorn's handling)."""
+def serve(*, settings: Settings, host: str, port: int, path: str, ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None) -> int:
+    """`protocol-monitor fhir-subscription`: listen until SIGTERM/SIGINT (uvicorn's handling). With a certificate
+    and key it speaks HTTPS itself (hospital FHIR servers post across the network); without, plain HTTP meant for
+    loopback or behind a TLS reverse proxy."""
     import socket
 
     import uvicorn
@@ -198,11 +201,12 @@ def serve(*, settings: Settings, host: str, port: int, path: str) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    print(f"FHIR subscription endpoint on http://{host}:{sock.getsockname()[1]}{path} -> {settings.events_topic}",
-          file=sys.stderr, flush=True)
+    scheme = "https" if ssl_certfile else "http"
+    print(f"FHIR subscription endpoint on {scheme}://{host}:{sock.getsockname()[1]}{path} -> "
+          f"{settings.events_topic}", file=sys.stderr, flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)).run(
-            sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
+                                      ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)).run(sockets=[sock])
     finally:
         producer.close()
     return 0

@@ -90,7 +90,11 @@ def _cmd_fhir_subscription(args: argparse.Namespace) -> int:
     settings = load_settings(config_file=args.config, overrides=overrides)
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    return serve(settings=settings, host=args.host, port=args.port, path=args.path)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("protocol-monitor: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
+    return serve(settings=settings, host=args.host, port=args.port, path=args.path, ssl_certfile=args.ssl_certfile,
+                 ssl_keyfile=args.ssl_keyfile)
 
 
 def _cmd_notify(args: argparse.Namespace) -> int:
@@ -305,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; put TLS in front)")
     p.add_argument("--port", type=int, default=8090, help="port (default 8090; 0 = any free port)")
     p.add_argument("--path", default="/fhir/subscription", help="the Subscription's endpoint path")
+    p.add_argument("--ssl-certfile", default=None, metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
     p.set_defaults(func=_cmd_fhir_subscription)
 
     p = sub.add_parser("notify", help="alerts topic → alert store → e-mail and webhooks (routes in the config)")

@@ -199,3 +199,50 @@ def test_subscription_endpoint_handshake_heartbeat_event_notification_and_a_malf
     raised = [json.loads(m.value) for m in alerts]
     assert any(a["rule"] == "ELIG-NEUTROPENIA" and a["subject_id"] == subject for a in raised)
     assert subject not in (tmp_path / "endpoint.log").read_text()
+
+
+def test_subscription_endpoint_over_https(tmp_path):
+    """With --ssl-certfile/--ssl-keyfile the endpoint speaks HTTPS: a client trusting the CA gets its handshake
+    answered; one that does not trust it is refused by TLS. (No broker: handshakes produce nothing.)"""
+    import shutil
+    import ssl
+
+    from tests.connectors.test_secure_transport import _make_ca, _openssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    ca, ca_key = _make_ca(tmp_path, "fhir-test-ca")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", tmp_path / "server.key", "-out",
+             tmp_path / "server.csr", "-subj", "/CN=localhost")
+    (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                                      "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", tmp_path / "server.csr", "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", tmp_path / "server.pem", "-days", "2", "-extfile", tmp_path / "ext.cnf")
+    port = free_port()
+    url = f"https://127.0.0.1:{port}/fhir/subscription"
+    log = (tmp_path / "endpoint.log").open("ab")
+    endpoint = subprocess.Popen([sys.executable, "-m", "monitor", "fhir-subscription", "--port", str(port),
+                                 "--bootstrap-servers", "127.0.0.1:1", "--ssl-certfile", str(tmp_path / "server.pem"),
+                                 "--ssl-keyfile", str(tmp_path / "server.key")], stdout=log, stderr=subprocess.STDOUT)
+    trusted = ssl.create_default_context(cafile=str(ca))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/stats", timeout=5, context=trusted).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "endpoint.log").read_text()
+                time.sleep(0.2)
+        request = urllib.request.Request(url, data=_notification("handshake"), method="POST",
+                                         headers={"Content-Type": "application/fhir+json"})
+        with urllib.request.urlopen(request, timeout=30, context=trusted) as response:
+            assert (response.status, json.loads(response.read())) == (200, {"type": "handshake", "accepted": True})
+        with pytest.raises(urllib.error.URLError) as refused:
+            urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context())
+        assert isinstance(refused.value.reason, ssl.SSLCertVerificationError)
+    finally:
+        endpoint.terminate()
+        endpoint.wait(timeout=30)
+        log.close()
+    assert "https://127.0.0.1" in (tmp_path / "endpoint.log").read_text()
