@@ -334,3 +334,16 @@ def test_entered_in_error_is_held_so_a_late_older_copy_stays_superseded():
     fresh.apply(parse_event(withdrawn), json.dumps(withdrawn))
     fresh._by_type = None  # built again from the held versions: still without the withdrawn event
     assert not fresh.by_type().get("vital_sign")
+
+
+def test_the_alert_email_names_the_fhir_resource(rules, tmp_path):
+    from connectors.email import format_email
+
+    header, events = _scenario("04_")
+    alerts, _, _, _ = run_fhir(to_fhir_lines(events), until=header["evaluation_horizon"], rules=rules,
+                               tmp_path=tmp_path)
+    alert = next(a for a in final_alerts(alerts) if a.rule == "DOSE-H12-MISSED-ESCALATION")
+    _, body = format_email(alert)
+    first = alert.evidence["events"][0]
+    ref = alert.evidence["sources"][first]["fhir"]
+    assert f"FHIR {ref}" in body and "?/?@?" not in body
