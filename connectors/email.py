@@ -97,7 +97,10 @@ def format_email(alert: Alert) -> tuple[str, str]:
         for event_id in sorted(sources, key=str):
             where = sources[event_id]
             if isinstance(where, dict):
-                where = f"{where.get('topic', '?')}/{where.get('partition', '?')}@{where.get('offset', '?')}"
+                fhir = where.get("fhir")  # the FHIR resource/version the event was mapped from (issue 18)
+                place = (f"{where.get('topic', '?')}/{where.get('partition', '?')}@{where.get('offset', '?')}"
+                         if "topic" in where or not fhir else "")
+                where = " ".join(x for x in (place, f"FHIR {fhir}" if fhir else "") if x)
             out += _line(f"  {_clean(event_id)}", where, indent="      ")
     others = {k: v for k, v in ev.items() if k not in ("fact", "events", "values", "sources", "rule_condition") and v is not None}
     if others:

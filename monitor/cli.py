@@ -40,9 +40,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     rules = load_rules(args.rules)
     clock = ReplayClock()
     monitor = Monitor.create(rules=rules, clock=clock, max_events_per_subject=args.max_events_per_subject)
+    mapper = None
+    if args.input_format == "fhir":
+        from monitor.fhir import FhirMapper, code_map_path, load_code_map
+
+        mapper = FhirMapper(code_map=load_code_map(code_map_path(args.fhir_codes, args.rules)))
     summary = replay(source=JsonLinesSource(paths=args.files), monitor=monitor, clock=clock,
                      alerts=JsonLinesAlertSink(stream=sys.stdout), rejects=TextRejectSink(stream=sys.stderr),
-                     until=args.until)
+                     until=args.until, mapper=mapper)
     for line in summary.lines(monitor):
         print(line, file=sys.stderr)
     return 0
@@ -131,7 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in (
         "bootstrap_servers", "events_topic", "alerts_topic", "dead_letter_topic", "group_id", "metrics_port",
-        "rules", "clock", "store")}
+        "rules", "clock", "store", "input_format", "fhir_codes")}
     settings = load_settings(config_file=args.config, overrides=overrides)
     stop = threading.Event()
 
@@ -149,6 +154,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     service = run_service(settings, stop=stop, on_ready=on_ready)
     print(f"stopped: {service.stats}", file=sys.stderr)
     return 0
+
+
+def _cmd_fhir_subscription(args: argparse.Namespace) -> int:
+    from connectors.fhir_subscription import serve
+    from monitor.config import load_settings
+
+    overrides = {name: getattr(args, name) for name in ("bootstrap_servers", "events_topic", "fhir_codes")}
+    settings = load_settings(config_file=args.config, overrides=overrides)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("protocol-monitor: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
+    return serve(settings=settings, host=args.host, port=args.port, path=args.path, ssl_certfile=args.ssl_certfile,
+                 ssl_keyfile=args.ssl_keyfile)
 
 
 def _cmd_notify(args: argparse.Namespace) -> int:
@@ -190,6 +210,11 @@ def _cmd_rules_check(args: argparse.Namespace) -> int:
 
     rules = load_rules(args.dir)
     print(f"ok: {len(rules.rules)} rules, version {rules.version}, from {rules.directory}")
+    codes = Path(rules.directory) / "fhir" / "codes.yaml"
+    if codes.is_file():  # the FHIR code map (issue 18): refused with its problems like any rule file
+        from monitor.fhir import load_code_map
+
+        print(f"ok: FHIR code map, {len(load_code_map(codes).observations)} observation codes, from {codes}")
     return 0
 
 
@@ -325,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", default=None, metavar="DIR", help="rules directory (default: the bundled rules/)")
     p.add_argument("--max-events-per-subject", type=int, default=10_000, metavar="N",
                    help="new events of a subject beyond N are rejected as subject_limit (default 10000)")
+    p.add_argument("--input-format", choices=["flat", "fhir"], default="flat",
+                   help="flat: the monitor's JSON events (default); fhir: FHIR R4 resources or Bundles, one a line")
+    p.add_argument("--fhir-codes", default=None, metavar="FILE",
+                   help="FHIR code map (default: the rules directory's fhir/codes.yaml)")
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("kri", help="site risk: the KRI table (scores, flags) and the QTLs for replayed event files "
@@ -349,7 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="alert store URL: the rules versions loaded go to its audit trail")
     p.add_argument("--clock", choices=["wall", "stream"], default=None,
                    help="wall: live deadlines (default); stream: the events' recorded_at")
+    p.add_argument("--input-format", choices=["flat", "fhir"], default=None,
+                   help="flat: the monitor's JSON events (default); fhir: a FHIR R4 resource or Bundle per record")
+    p.add_argument("--fhir-codes", default=None, metavar="FILE",
+                   help="FHIR code map (default: the rules directory's fhir/codes.yaml)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("fhir-subscription", help="FHIR Subscription endpoint (R4 Backport notifications) feeding the "
+                       "events topic with FHIR resources, keyed by subject (run the service with --input-format fhir)")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
+    p.add_argument("--bootstrap-servers", default=None)
+    p.add_argument("--events-topic", default=None)
+    p.add_argument("--fhir-codes", default=None, metavar="FILE", help="FHIR code map (subject identifier system)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; put TLS in front)")
+    p.add_argument("--port", type=int, default=8090, help="port (default 8090; 0 = any free port)")
+    p.add_argument("--path", default="/fhir/subscription", help="the Subscription's endpoint path")
+    p.add_argument("--ssl-certfile", default=None, metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
+    p.set_defaults(func=_cmd_fhir_subscription)
 
     p = sub.add_parser("notify", help="alerts topic → alert store → e-mail and webhooks (routes in the config)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML configuration with `routes:`")

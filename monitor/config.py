@@ -174,6 +174,10 @@ class Settings(BaseSettings):
                                    "(too_large)")
     max_events_per_subject: int = Field(default=10_000, ge=1, description="event versions held per subject; new "
                                         "events beyond it go to the dead letters (subject_limit)")
+    input_format: Literal["flat", "fhir"] = Field(
+        default="flat", description="events topic records: flat JSON events, or FHIR R4 resources/Bundles (issue 18)")
+    fhir_codes: str | None = Field(default=None,
+                                   description="FHIR code map (default: the rules directory's fhir/codes.yaml)")
     kafka: KafkaSecurity = Field(default_factory=KafkaSecurity)
     store: str | None = Field(default=None, description="alert store: sqlite:///PATH or postgresql://... "
                               "(notify and alerts default to sqlite:///alerts.db; run records rules loads there)")

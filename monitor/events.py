@@ -50,10 +50,11 @@ class _Base(BaseModel):
     arm: Arm | None = None
     occurred_at: AwareDatetime
     recorded_at: AwareDatetime
-    status: Literal["final", "amended", "corrected", "preliminary"] | None = None
+    status: Literal["final", "amended", "corrected", "preliminary", "entered-in-error"] | None = None
     amendment_reason: str | None = None
     ingest_batch: str | None = None
     source: str | None = None
+    source_ref: Annotated[str, Field(max_length=400)] | None = None  # mapped from: FHIR Type/id/_history/version
 
 
 class KdDiagnosis(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from connectors.base import AlertSink, RawRecord, RejectSink, Source
@@ -12,6 +13,7 @@ from monitor.clock import ReplayClock
 from monitor.errors import EventRejected
 from monitor.evaluator import Monitor
 from monitor.events import Event, decode, parse_event
+from monitor.fhir import FhirMapper, flat_records
 
 
 @dataclass
@@ -20,6 +22,7 @@ class ReplaySummary:
     rejected: Counter[str] = field(default_factory=Counter)
     raised: int = 0
     retracted: int = 0
+    ignored: Counter[str] = field(default_factory=Counter)  # FHIR resources the rules do not need, by kind
     seconds: float = 0.0
 
     def lines(self, monitor: Monitor) -> list[str]:
@@ -37,12 +40,16 @@ class ReplaySummary:
             f"rules version {monitor.rules.version} ({len(monitor.rules.rules)} rules from {monitor.rules.directory}); "
             f"{self.seconds:.2f} s, {rate:,.0f} records/s",
         ]
+        if self.ignored:
+            out.append(f"FHIR resources ignored (not needed by the rules): {sum(self.ignored.values())} ("
+                       + ", ".join(f"{k} {v}" for k, v in sorted(self.ignored.items())) + ")")
         return out
 
 
 def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: AlertSink, rejects: RejectSink,
-           until: dt.datetime | None) -> ReplaySummary:
-    """Events sharing a `recorded_at` form one batch, applied atomically. Before each batch the clock moves to
+           until: dt.datetime | None, mapper: FhirMapper | None = None) -> ReplaySummary:
+    """With `mapper`, records are FHIR R4 resources or Bundles (monitor/fhir.py) mapped to events first.
+    Events sharing a `recorded_at` form one batch, applied atomically. Before each batch the clock moves to
     its `recorded_at` and due deadlines fire on the state as it was, as a live monitor would have seen it."""
     summary = ReplaySummary()
     started = time.perf_counter()
@@ -68,8 +75,20 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
         emit(monitor.ingest(batch))
         batch.clear()
 
-    for record in source:
-        summary.records += 1
+    def records() -> Iterator[RawRecord]:
+        for outer in source:
+            summary.records += 1
+            if mapper is None:
+                yield outer
+                continue
+            mapped = mapper.map_record(outer.value)  # FHIR: a record may hold several events, or refusals
+            summary.ignored.update(mapped.ignored)
+            for exc in mapped.rejected:
+                summary.rejected[exc.reason] += 1
+                rejects.add(outer, exc)
+            yield from flat_records(outer, mapped)
+
+    for record in records():
         try:
             payload = decode(record.value)
             event = parse_event(payload)

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from monitor.facts import FACTS
 from monitor.kri import KriFile
+from monitor.fhir import FhirCodesFile
 from monitor.rules import (CypTable, ImmunosuppressantTable, LiveVaccineTable, Parameters, PlausibilityTable,
                            RuleFile)
 
@@ -27,6 +28,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "live_vaccines.schema.json": LiveVaccineTable,
     "plausibility.schema.json": PlausibilityTable,
     "kri.schema.json": KriFile,
+    "fhir_codes.schema.json": FhirCodesFile,  # rules/fhir/codes.yaml (issue 18)
 }
 
 

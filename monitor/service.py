@@ -40,7 +40,7 @@ from connectors.base import AlertSink, RawRecord, RejectSink
 from monitor.alerts import Alert
 from monitor.clock import ReplayClock
 from monitor.config import Settings
-from monitor.errors import EventRejected, MonitorError, SinkUnavailable, SinkWaiting
+from monitor.errors import EventRejected, MonitorError, RuleFileError, SinkUnavailable, SinkWaiting
 from monitor.evaluator import Monitor
 from monitor.events import decode, parse_event
 from monitor.metrics import Metrics
@@ -112,6 +112,7 @@ class MonitorService:
         self._rules_fingerprint = _fingerprint(monitor.rules.directory)
         self._watched_at = time.monotonic()
         self.stats = {"events": 0, "rejected": 0, "alerts_published": 0, "alerts_suppressed": 0}
+        self._fhir: Any = None  # the FHIR mapper, made at the first FHIR record (input_format: fhir)
         self._outbox: _Outbox | None = None  # a batch whose alerts or offsets are not out yet (broker trouble)
         self.retry_base_s = 1.0  # back-off while the broker does not answer: doubles up to retry_max_s
         self.retry_max_s = 30.0
@@ -194,6 +195,9 @@ class MonitorService:
         """Process one poll's records, publish what they caused, then commit their offsets."""
         produced: list[tuple[Alert, int | None]] = []
         offsets: dict[TopicPartition, int] = {}
+        fhir_offsets: dict[TopicPartition, int] = {}
+        if self.settings.input_format == "fhir":  # FHIR records become flat ones first (monitor/fhir.py)
+            records, fhir_offsets = self._from_fhir(records)
         batch: list = []
         batch_ts: list[int | None] = [None]
 
@@ -248,11 +252,45 @@ class MonitorService:
             self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
         produced.extend((a, None) for a in self.monitor.tick())
         self._dead_letter_failures()
+        for tp, off in fhir_offsets.items():  # a FHIR record that gave no event is still consumed
+            offsets[tp] = max(offsets.get(tp, 0), off)
         if self.site_risk is not None and self.state.ready and self.site_risk.due():  # QTL breaches: same path
             produced.extend((a, None) for a in self.site_risk.recompute(self.monitor))
         self._outbox = _Outbox(alerts=produced, offsets=offsets)
         self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
+
+    def _from_fhir(self, records: list[RawRecord]) -> tuple[list[RawRecord], dict[TopicPartition, int]]:
+        """Map FHIR records to flat ones; refusals go to the dead letters with the original bytes, ignored
+        resources are counted (`fhir_ignored`). Also returns the offsets consumed, events or not."""
+        from monitor.fhir import FhirMapper, code_map_path, flat_records, load_code_map
+
+        try:  # read again when edited (a site's local code is a data edit); a broken edit keeps the map in force
+            codes = load_code_map(code_map_path(self.settings.fhir_codes, self.settings.rules))
+            if self._fhir is None or self._fhir.codes is not codes:
+                self._fhir = FhirMapper(code_map=codes, max_bytes=self.settings.max_message_bytes)
+        except RuleFileError as exc:
+            if self._fhir is None:
+                raise
+            log.error("FHIR code map edit refused, the previous one stays in force: %s", exc)
+        out: list[RawRecord] = []
+        offsets: dict[TopicPartition, int] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            offsets[tp] = int(rec.offset) + 1  # type: ignore[arg-type]
+            mapped = self._fhir.map_record(rec.value)
+            self.stats["fhir_ignored"] = self.stats.get("fhir_ignored", 0) + sum(mapped.ignored.values())
+            rebuilding = rec.offset is not None and rec.offset < self.state.bulk_until.get(tp, 0)
+            for refusal in mapped.rejected:
+                if rebuilding:
+                    continue  # dead-lettered before the group committed past it
+                self.stats["rejected"] += 1
+                if self.metrics is not None:
+                    self.metrics.events_rejected.labels(refusal.reason).inc()
+                log.warning("rejected %s: %s", rec.origin, refusal.reason)
+                self.dead_letters.add(rec, refusal)
+            out.extend(flat_records(rec, mapped))
+        return out, offsets
 
     def _dead_letter_failures(self) -> None:
         """Records of a subject whose evaluation failed were undone by the monitor (logged there): they go to the
@@ -588,6 +626,10 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
     monitor = Monitor.create(rules=rules, clock=clock, max_events_per_subject=settings.max_events_per_subject)
     log.info("rules version %s loaded (%d rules) in %.1f s", rules.version, len(rules.rules),
              time.monotonic() - started)
+    if settings.input_format == "fhir":  # a broken FHIR code map refuses the start, like a broken rule file
+        from monitor.fhir import code_map_path, load_code_map
+
+        load_code_map(code_map_path(settings.fhir_codes, settings.rules))
     store = None
     if settings.store:
         from monitor.store import AlertStore

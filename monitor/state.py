@@ -15,6 +15,22 @@ def _event_order(e: Any) -> tuple[Any, str]:
     return e.occurred_at, e.event_id
 
 
+def _withdrawn(e: Any) -> bool:
+    """`status: entered-in-error` (FHIR) withdraws the event: its version is held, so an older copy arriving late
+    is still superseded (§2.6), but no derivation sees it."""
+    return getattr(e, "status", None) == "entered-in-error"
+
+
+def _fhir_source(ref: str) -> dict[str, Any]:
+    parts = ref.split("/")
+    out: dict[str, Any] = {"fhir": ref, "resource_type": parts[0]}
+    if len(parts) > 1:
+        out["resource_id"] = parts[1]
+    if len(parts) > 3 and parts[2] == "_history":
+        out["version"] = parts[3]
+    return out
+
+
 class _FirstReported(Mapping[str, Any]):
     """event_id -> when it was first reported, read from the stored versions on demand."""
 
@@ -94,7 +110,8 @@ class SubjectState:
             if held is not None:
                 groups[held.event.type] = [e for e in groups.get(held.event.type, []) if e is not held.event]
             items = list(groups.get(event.type, []))
-            bisect.insort(items, event, key=_event_order)
+            if not _withdrawn(event):
+                bisect.insort(items, event, key=_event_order)
             groups[event.type] = items
             self._by_type = groups
         self.site_id = event.site_id
@@ -131,7 +148,19 @@ class SubjectState:
         self.memo = {}
 
     def origins(self, event_ids: list[str]) -> dict[str, Any]:
-        return {eid: self.events[eid].origin for eid in event_ids if eid in self.events and self.events[eid].origin}
+        """Where each evidence event came from: topic/partition/offset when streamed, and the FHIR resource
+        (type, id, version) it was mapped from."""
+        out: dict[str, Any] = {}
+        for eid in event_ids:
+            stored = self.events.get(eid)
+            if stored is None:
+                continue
+            ref = getattr(stored.event, "source_ref", None)
+            if ref:
+                out[eid] = {**(stored.origin or {}), **_fhir_source(ref)}
+            elif stored.origin:
+                out[eid] = stored.origin
+        return out
 
     def first_reported_view(self) -> Mapping[str, Any]:
         """Like `first_reported`, without building a dict per evaluation."""
@@ -148,7 +177,8 @@ class SubjectState:
             return self._by_type
         groups: dict[str, list[Any]] = {}
         for stored in self.events.values():
-            groups.setdefault(stored.event.type, []).append(stored.event)
+            if not _withdrawn(stored.event):
+                groups.setdefault(stored.event.type, []).append(stored.event)
         for items in groups.values():
             items.sort(key=_event_order)
         self._by_type = groups

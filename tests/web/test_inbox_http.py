@@ -291,3 +291,18 @@ def test_streamed_evidence_shows_its_kafka_topic_partition_and_offset(app, world
     table = html[html.index('id="evidence-events"'):]
     table = table[:table.index("</table>")]
     assert "clinical-events/3/1200" in table and "clinical-events/3/1201" in table
+
+
+def test_evidence_mapped_from_fhir_shows_the_resource_and_version(app, world):
+    url, _ = world
+    store = AlertStore(url=url)
+    alert = store.record_for(h12_alert(url)["alert_id"], "raised")
+    first = alert.evidence["events"][0]
+    sources = {first: {"topic": "clinical-events", "partition": 1, "offset": 7, "fhir": "Observation/t1/_history/2",
+                       "resource_type": "Observation", "resource_id": "t1", "version": "2"}}
+    fhir = alert.model_copy(update={"alert_id": "fhir-h12", "evidence": {**alert.evidence, "sources": sources}})
+    store.add_record(fhir)
+    html = client_for(app, "dr.officer").get("/alerts/fhir-h12").text
+    table = html[html.index('id="evidence-events"'):]
+    table = table[:table.index("</table>")]
+    assert "clinical-events/1/7" in table and "FHIR Observation/t1/_history/2" in table
