@@ -200,9 +200,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from monitor.generate import write_cohort
+    from monitor.rules import load_rules
 
     return write_cohort(subjects=args.subjects, days=args.days, seed=args.seed, sites=args.sites,
-                        deviation_rate=args.deviation_rate, output=args.output)
+                        deviation_rate=args.deviation_rate, output=args.output,
+                        parameters=load_rules(args.rules).parameters)
 
 
 def _cmd_rules_check(args: argparse.Namespace) -> int:
@@ -495,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--deviation-rate", type=float, default=0.2, help="share of subjects with a planted deviation")
     p.add_argument("-o", "--output", default="-", help="output file (default: standard output)")
+    p.add_argument("--rules", default=None, metavar="DIR",
+                   help="rules directory whose parameters.yaml the cohort follows (default: the bundled rules/)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("rules", help="rule files: validate (check), test, diff, doc, schema")

@@ -26,6 +26,7 @@ from monitor.alerts import Alert
 from monitor.broker import LocalBroker, free_port
 from monitor.config import load_settings
 from monitor.generate import generate
+from monitor.rules import load_rules
 from monitor.service import build_service
 from monitor.store import AlertStore
 
@@ -84,7 +85,8 @@ def run_demo(*, rules_dir: str | None = None, subjects: int = 24, seed: int = 7,
 
 def _run(*, rules_dir: str | None, subjects: int, seed: int, rate: float, inbox: bool, exit_when_done: bool,
          inbox_port: int, workdir: Path, hash_password: Any, started: list[_Inbox]) -> int:
-    events = list(generate(subjects=subjects, days=60, seed=seed, sites=3, deviation_rate=0.5))
+    parameters = load_rules(rules_dir).parameters  # the cohort follows the rules the service runs
+    events = list(generate(subjects=subjects, days=60, seed=seed, sites=3, deviation_rate=0.5, parameters=parameters))
     tag = uuid.uuid4().hex[:6]
     store_url = f"sqlite:///{workdir / 'alerts.db'}"
     events_path = workdir / "events.jsonl"

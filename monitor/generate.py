@@ -40,6 +40,11 @@ A share `deviation_rate` of subjects gets exactly one planted deviation (`DEVIAT
 the alert each one should raise. Subjects without one are meant to be fully protocol-compliant: the only alerts
 a correct monitor raises for them are the info notices named above.
 
+Protocol logic comes from the rules directory's parameters (rules/parameters.yaml, the same `Parameters` the
+monitor reads; `parameters=None` loads the bundled rules): the site temperature offsets, the febrile threshold and
+the febrile_at(Hx) assessment window that decide the anakinra ladder. A parameter edit changes the generated
+cohort as it changes the monitor's verdicts.
+
 Deterministic: one `random.Random(seed)` draws the cohort plan and a seed per subject; no global random state and
 no wall clock. Output is in delivery order (ascending `recorded_at`, ties in subject then chart order), streamed
 with a bounded buffer (subjects are generated when the merge reaches their first possible record).
@@ -58,6 +63,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 from zoneinfo import ZoneInfo
+
+from monitor.normalise import is_febrile
+from monitor.rules import Parameters, load_rules
 
 PARIS = ZoneInfo("Europe/Paris")
 MINUTE = 60
@@ -97,7 +105,8 @@ _CHECKLIST = ("preterm_or_neonate", "pregnant", "breastfeeding", "suspicion_othe
               "overt_bacterial_viral_fungal_infection", "tuberculosis_risk_or_active", "immunodeficiency_or_cancer",
               "other_interventional_trial", "hypersensitivity_anakinra_or_excipients_or_ecoli_proteins",
               "hypersensitivity_ivig_or_excipients_or_anti_iga", "hyperprolinemia_type_1_or_2", "smpc_contraindication")
-_SITE_OFFSET = {"axillary": 0.5, "tympanic": 0.0, "oral": 0.0}
+_SITES = ("tympanic", "axillary", "oral")
+"""Where the generator measures temperatures (choice weights by age in `build`); offsets from parameters.yaml."""
 # visit, nominal day, actual study days to draw from (inside the A-17 windows), weights
 _VISITS = (("D2", 2, (2,), (1,)), ("D3", 3, (3,), (1,)), ("D4", 4, (4,), (1,)), ("D6", 6, (5, 6), (1, 4)),
            ("D7", 7, (7, 8), (4, 1)), ("D14", 14, (13, 14, 15), (1, 4, 1)),
@@ -204,6 +213,7 @@ class _Reading:
     raw_c: float
     site: str
     kind: str  # regular, protocol, screening, diary, typo, retake, nonprotocol
+    offset_c: float  # the site's offset (parameters.yaml temperature.site_offsets_c; 0 for a non-protocol site)
 
     @property
     def valid(self) -> bool:
@@ -211,13 +221,15 @@ class _Reading:
 
     @property
     def corrected(self) -> float:
-        return round(self.raw_c + _SITE_OFFSET.get(self.site, 0.0), 6)
+        return round(self.raw_c + self.offset_c, 6)
 
 
 class _SubjectBuilder:
-    def __init__(self, plan: SubjectPlan, days: int) -> None:
+    def __init__(self, plan: SubjectPlan, days: int, parameters: Parameters) -> None:
         self.plan = plan
         self.days = days
+        self.p = parameters
+        self.offsets = parameters.temperature.site_offsets_c
         self.rng = random.Random(plan.seed)  # noqa: S311 - synthetic test data, not security
         self.items: list[tuple[int, int, int, str, dict[str, Any]]] = []  # occurred, recorded, seq, type, fields
         self.duplicate_seq: int | None = None
@@ -259,8 +271,7 @@ class _SubjectBuilder:
         height = round(_median_height_cm(years) * rng.uniform(0.94, 1.06) * 2) / 2
         weight = round(max(5.3, _median_weight_kg(years) * rng.uniform(0.85, 1.18)), 1)
         self.weight = weight
-        self.site = rng.choices(("tympanic", "axillary", "oral"),
-                                weights=(6, 4, 0) if years < 6 else (4, 3, 3))[0]
+        self.site = rng.choices(_SITES, weights=(6, 4, 0) if years < 6 else (4, 3, 3))[0]
         anc_unit = "G/L" if p.site_id.endswith(("2", "5", "8")) else "10*9/L"  # French labs often write G/L
 
         # timeline before T0
@@ -361,14 +372,14 @@ class _SubjectBuilder:
 
     def _raw(self, febrile: bool) -> float:
         corrected = self.u(38.3, 39.7) if febrile else self.u(36.4, 37.6)
-        return round(corrected - _SITE_OFFSET[self.site], 1)
+        return round(corrected - self.offsets[self.site], 1)
 
     def _readings(self, e1: int, enrollment: int) -> list[_Reading]:
         rng, t0 = self.rng, self.t0
         out: list[_Reading] = []
 
         def reading(ts: int, kind: str) -> None:
-            out.append(_Reading(ts, self._raw(self.hot(ts)), self.site, kind))
+            out.append(self.reading(ts, self._raw(self.hot(ts)), self.site, kind))
 
         t = _r5(e1 + rng.uniform(2, 6) * HOUR)                      # after the first course: every 6-10 h
         while t < enrollment - 2 * HOUR:
@@ -397,15 +408,16 @@ class _SubjectBuilder:
             pool = [r for r in readings if r.kind == "regular" and t0 + 50 * HOUR <= r.ts < self.end]
             pool = pool or [r for r in readings if r.kind == "regular" and r.ts < t0]
             r = rng.choice(pool)
-            readings.append(_Reading(r.ts, round(r.raw_c * 9 / 5 + 32, 1), r.site, "typo"))
+            readings.append(self.reading(r.ts, round(r.raw_c * 9 / 5 + 32, 1), r.site, "typo"))
             r.ts += rng.randrange(5, 25, 5) * MINUTE
             r.kind = "retake"
         elif dev == "nonprotocol_site":
             # an extra forehead (temporal artery) check next to a real reading, in the decision-critical days
             pool = [r for r in readings if t0 <= r.ts < min(t0 + 72 * HOUR, self.end)] or readings
             r = rng.choice(pool)
-            readings.append(_Reading(r.ts + rng.randrange(5, 20, 5) * MINUTE,
-                                     round(r.corrected - rng.uniform(0.2, 0.8), 1), "temporal_artery", "nonprotocol"))
+            readings.append(self.reading(r.ts + rng.randrange(5, 20, 5) * MINUTE,
+                                         round(r.corrected - rng.uniform(0.2, 0.8), 1), "temporal_artery",
+                                         "nonprotocol"))
         readings.sort(key=lambda r: r.ts)
 
     def _temperature_event(self, r: _Reading) -> None:
@@ -413,14 +425,18 @@ class _SubjectBuilder:
         self.add("vital_sign", r.ts, self.charted(r.ts, 3, 45, late_ok=late_ok),
                  {"code": "8310-5", "temperature_c": r.raw_c, "site": r.site})
 
-    @staticmethod
-    def febrile_at(readings: list[_Reading], hx: int) -> bool | None:
-        """The monitor's febrile_at(Hx) (A-18): closest valid reading in [Hx-2h, Hx+1h], a tie takes the higher."""
-        cands = [r for r in readings if r.valid and hx - 2 * HOUR <= r.ts <= hx + HOUR]
+    def reading(self, ts: int, raw_c: float, site: str, kind: str) -> _Reading:
+        return _Reading(ts, raw_c, site, kind, self.offsets.get(site, 0.0))
+
+    def febrile_at(self, readings: list[_Reading], hx: int) -> bool | None:
+        """The monitor's febrile_at(Hx) (A-18): the valid reading closest to Hx in the assessment window
+        ([Hx-2h, Hx+1h]), a tie takes the higher; febrile at the parameters' threshold (38.0 °C)."""
+        lo, hi = self.p.assessment_window_hours
+        cands = [r for r in readings if r.valid and hx + lo * HOUR <= r.ts <= hx + hi * HOUR]
         if not cands:
             return None
         best = min(cands, key=lambda r: (abs(r.ts - hx), -r.corrected))
-        return best.corrected >= 38.0 - 1e-9
+        return is_febrile(best.corrected, self.p.temperature.febrile_at_or_above_c)
 
     # -- study drug
     def _anakinra(self, readings: list[_Reading]) -> None:
@@ -547,18 +563,29 @@ class _SubjectBuilder:
         return out
 
 
-def subject_events(plan: SubjectPlan, days: int) -> list[dict[str, Any]]:
+def subject_events(plan: SubjectPlan, days: int, parameters: Parameters | None = None) -> list[dict[str, Any]]:
     """One subject's events, in its own delivery order."""
-    return [e for _, _, e in _SubjectBuilder(plan, days).build()]
+    return [e for _, _, e in _SubjectBuilder(plan, days, _parameters(parameters)).build()]
 
 
-def generate(*, subjects: int, days: int, seed: int, sites: int = 5,
-             deviation_rate: float = 0.2) -> Iterator[dict[str, Any]]:
+def generate(*, subjects: int, days: int, seed: int, sites: int = 5, deviation_rate: float = 0.2,
+             parameters: Parameters | None = None) -> Iterator[dict[str, Any]]:
     """Yield a synthetic cohort's events in delivery order (ascending `recorded_at`, stable ties).
 
-    Raises ValueError at once (not at the first `next`) for impossible parameters."""
+    `parameters`: the protocol parameters the cohort follows (default: the bundled rules' parameters.yaml).
+    Raises ValueError at once (not at the first `next`) for impossible arguments."""
     _check(subjects=subjects, days=days, sites=sites, deviation_rate=deviation_rate)
-    return _merge(cohort_plan(subjects=subjects, seed=seed, sites=sites, deviation_rate=deviation_rate), days)
+    params = _parameters(parameters)
+    return _merge(cohort_plan(subjects=subjects, seed=seed, sites=sites, deviation_rate=deviation_rate), days, params)
+
+
+def _parameters(parameters: Parameters | None) -> Parameters:
+    params = parameters if parameters is not None else load_rules().parameters
+    missing = [s for s in _SITES if s not in params.temperature.site_offsets_c]
+    if missing:
+        raise ValueError(f"parameters.yaml temperature.site_offsets_c has no offset for {', '.join(missing)} "
+                         f"(the generator measures at {', '.join(_SITES)})")
+    return params
 
 
 def _check(*, subjects: int, days: int, sites: int, deviation_rate: float) -> None:
@@ -566,14 +593,14 @@ def _check(*, subjects: int, days: int, sites: int, deviation_rate: float) -> No
         raise ValueError("need subjects >= 0, days >= 1, sites >= 1 and 0 <= deviation_rate <= 1")
 
 
-def _merge(plans: list[SubjectPlan], days: int) -> Iterator[dict[str, Any]]:
+def _merge(plans: list[SubjectPlan], days: int, parameters: Parameters) -> Iterator[dict[str, Any]]:
     heap: list[tuple[int, int, int, dict[str, Any]]] = []
     nxt = 0
     while nxt < len(plans) or heap:
         # admit every subject whose first record could come at or before the current head of the merge
         while nxt < len(plans) and (not heap or plans[nxt].lower_bound <= heap[0][0]):
             plan = plans[nxt]
-            for i, (recorded, _, event) in enumerate(_SubjectBuilder(plan, days).build()):
+            for i, (recorded, _, event) in enumerate(_SubjectBuilder(plan, days, parameters).build()):
                 if recorded < plan.lower_bound:  # pragma: no cover - a construction error, never data
                     raise AssertionError(f"{event['event_id']} recorded before its subject's lower bound")
                 heapq.heappush(heap, (recorded, plan.number, i, event))
@@ -582,12 +609,13 @@ def _merge(plans: list[SubjectPlan], days: int) -> Iterator[dict[str, Any]]:
 
 
 def write_cohort(*, subjects: int, days: int, seed: int, sites: int = 5, deviation_rate: float = 0.2,
-                 output: str = "-") -> int:
+                 output: str = "-", parameters: Parameters | None = None) -> int:
     """Write the cohort as JSON Lines to `output` ('-' = standard output); a one-line summary goes to stderr."""
     try:
         _check(subjects=subjects, days=days, sites=sites, deviation_rate=deviation_rate)
         plans = cohort_plan(subjects=subjects, seed=seed, sites=sites, deviation_rate=deviation_rate)
-        events = generate(subjects=subjects, days=days, seed=seed, sites=sites, deviation_rate=deviation_rate)
+        events = generate(subjects=subjects, days=days, seed=seed, sites=sites, deviation_rate=deviation_rate,
+                          parameters=parameters)
         count = 0
         handle = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")
         try:

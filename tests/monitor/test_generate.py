@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -15,6 +17,7 @@ import pytest
 from monitor.errors import EventRejected
 from monitor.events import parse_event
 from monitor.generate import EXPECTED_RULES, cohort_plan, generate, write_cohort
+from monitor.rules import load_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 PARIS = ZoneInfo("Europe/Paris")
@@ -108,16 +111,20 @@ def test_write_cohort(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 # ---- replay through the real command ------------------------------------------------------------------------
-def _replay(tmp_path: Path, name: str, **kw) -> tuple[list[dict], list]:
-    path = tmp_path / f"{name}.jsonl"
+def _replay_events(path: Path, events: Iterable[dict], rules: Path | None = None) -> list[dict]:
+    """`protocol-monitor replay` of `events` (written to `path`), with `--rules` if given; the alert records."""
     with path.open("w", encoding="utf-8") as handle:
-        for event in generate(**kw):
+        for event in events:
             handle.write(json.dumps(event, separators=(",", ":")) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "monitor", "replay", str(path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    argv = [sys.executable, "-m", "monitor", "replay", str(path), *(["--rules", str(rules)] if rules else [])]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)  # noqa: S603
     assert proc.returncode == 0, proc.stderr
     assert "rejected: 0" in proc.stderr, proc.stderr
-    alerts = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _replay(tmp_path: Path, name: str, **kw) -> tuple[list[dict], list]:
+    alerts = _replay_events(tmp_path / f"{name}.jsonl", generate(**kw))
     plans = cohort_plan(subjects=kw["subjects"], seed=kw["seed"], sites=kw.get("sites", 5),
                         deviation_rate=kw["deviation_rate"])
     return alerts, plans
@@ -150,3 +157,29 @@ def test_replay_clean_cohort_has_no_dosing_or_eligibility_alerts(tmp_path: Path)
     for a in alerts:
         assert a["rule"] in INFO_RULES or (a["rule"] == "SCHED-VISIT-MISSED"
                                            and a.get("evidence", {}).get("values", {}).get("visit") in ("D30", "D45", "D60")), a
+
+
+def _h12_supplements(events: list[dict]) -> int:
+    return sum(1 for e in events if e["type"] == "drug_administration" and e.get("dose_mg_per_kg") == 2)
+
+
+def test_a_parameter_edit_changes_the_cohort_and_the_monitor_alike(tmp_path: Path) -> None:
+    """The generator reads parameters.yaml as the monitor does: with the febrile threshold raised to 39.0 C the
+    ladder gives fewer H12 supplements, the monitor under the same edited rules finds that cohort compliant, and
+    the monitor under the bundled rules (38.0 C) sees the supplements missing."""
+    edited = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", edited)
+    params = edited / "parameters.yaml"
+    text = params.read_text(encoding="utf-8")
+    assert "febrile_at_or_above_c: 38.0" in text
+    params.write_text(text.replace("febrile_at_or_above_c: 38.0", "febrile_at_or_above_c: 39.0"), encoding="utf-8")
+    kw = {"subjects": 16, "days": 20, "seed": 3, "sites": 2, "deviation_rate": 0.0}
+    default, hotter = _cohort(**kw), _cohort(**kw, parameters=load_rules(edited).parameters)
+    assert 0 < _h12_supplements(hotter) < _h12_supplements(default)
+    assert _cohort(**kw, parameters=load_rules().parameters) == default  # the default is the bundled parameters
+
+    def dosing(alerts: list[dict]) -> set[str]:
+        return {a["rule"] for a in alerts if a["rule"].startswith("DOSE-") and a["status"] == "raised"}
+
+    assert dosing(_replay_events(tmp_path / "edited.jsonl", hotter, rules=edited)) == set()
+    assert "DOSE-H12-MISSED-ESCALATION" in dosing(_replay_events(tmp_path / "bundled.jsonl", hotter))
