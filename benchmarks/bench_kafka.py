@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.broker import LocalBroker  # noqa: E402
 from monitor.generate import generate  # noqa: E402
-from tests.connectors.kafkatools import (  # noqa: E402
+from tests.support.kafkatools import (  # noqa: E402
     ServiceProcess, create_topics, read_topic, wait_until_consumed)
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.broker import LocalBroker, free_port  # noqa: E402
 from monitor.generate import generate  # noqa: E402
-from tests.connectors.kafkatools import ServiceProcess, create_topics  # noqa: E402
+from tests.support.kafkatools import ServiceProcess, create_topics  # noqa: E402
 
 
 def produce(bootstrap: str, topic: str, events: list[dict]) -> dict[int, int]:

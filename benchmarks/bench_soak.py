@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.broker import LocalBroker, free_port  # noqa: E402
 from monitor.generate import generate  # noqa: E402
-from tests.connectors.kafkatools import ServiceProcess, create_topics, wait_until_consumed  # noqa: E402
+from tests.support.kafkatools import ServiceProcess, create_topics, wait_until_consumed  # noqa: E402
 
 SCENARIO_04 = ROOT.parent / "shared" / "scenarios" / "04_missed_escalation_h12.jsonl"
 DATETIME_FIELDS = ("occurred_at", "recorded_at", "start_at", "end_at", "infusion_end_at", "consent_signed_at",

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_kafka import bench_stream, produce_all  # noqa: E402
 from monitor.broker import LocalBroker, free_port  # noqa: E402
 from monitor.generate import generate  # noqa: E402
-from tests.connectors.kafkatools import (  # noqa: E402
+from tests.support.kafkatools import (  # noqa: E402
     ServiceProcess, create_topics, read_topic, wait_until_consumed)
 
 

@@ -13,7 +13,7 @@ from connectors.delivery import DeliveryError
 from connectors.email import SmtpSink, format_email
 from monitor.broker import free_port
 from monitor.errors import MonitorError
-from tests.connectors.sample_alert import EVENTS, EXPECTS, MESSAGE, make_alert
+from tests.support.sample_alert import EVENTS, EXPECTS, MESSAGE, make_alert
 
 aiosmtpd_controller = pytest.importorskip("aiosmtpd.controller")
 

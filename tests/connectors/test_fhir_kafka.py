@@ -17,11 +17,11 @@ import pytest
 
 from monitor.broker import LocalBroker, free_port
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import (
+from tests.support.kafkatools import (
     ServiceProcess, alert_records, create_topics, final_pairs, produce, read_topic, same_local_clock, shift_events,
     wait_until_consumed)
 from tests.connectors.test_kafka_service import GRACE, LIVE_SCENARIOS, _age_boundary, _topics
-from tests.fhirconv import to_fhir_lines
+from tests.support.fhirconv import to_fhir_lines
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from monitor.broker import LocalBroker, free_port
 from tests.conftest import SHARED, final_alerts, load_scenario, run_events
-from tests.connectors.kafkatools import (
+from tests.support.kafkatools import (
     ServiceProcess, alert_records, create_topics, events_as_records, final_pairs, produce, read_topic,
     wait_until_consumed)
 

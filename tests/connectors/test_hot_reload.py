@@ -17,7 +17,7 @@ from monitor.broker import LocalBroker, free_port
 from monitor.rules import DEFAULT_RULES_DIR, load_rules
 from monitor.store import AlertStore
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import (
+from tests.support.kafkatools import (
     ServiceProcess, alert_records, create_topics, events_as_records, produce, read_topic, wait_until_consumed)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from monitor.broker import LocalBroker, free_port
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import (
+from tests.support.kafkatools import (
     ServiceProcess, alert_records, create_topics, events_as_records, final_pairs, produce, read_topic, same_local_clock,
     shift_events, wait_until_consumed)
 

@@ -11,9 +11,9 @@ import uuid
 import pytest
 
 from monitor.broker import LocalBroker, free_port
-from tests.connectors.apiversions_shim import ApiVersionsShim
+from tests.support.apiversions_shim import ApiVersionsShim
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import ServiceProcess, create_topics
+from tests.support.kafkatools import ServiceProcess, create_topics
 
 pytestmark = pytest.mark.skipif(shutil.which("kcat") is None and not __import__("os").environ.get("CI"),
                                 reason="kcat not installed (Debian package kcat; .ci/run installs it)")

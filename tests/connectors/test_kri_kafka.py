@@ -12,7 +12,7 @@ import uuid
 
 from monitor.broker import LocalBroker
 from monitor.generate import cohort_plan, subject_events
-from tests.connectors.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
+from tests.support.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
 
 RULE = "QTL-INELIGIBLE-RANDOMISED"
 

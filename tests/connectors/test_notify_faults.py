@@ -11,8 +11,8 @@ import sys
 import time
 
 from monitor.broker import LocalBroker, free_port
-from tests.connectors.kafkatools import create_topics, produce
-from tests.connectors.sample_alert import make_alert
+from tests.support.kafkatools import create_topics, produce
+from tests.support.sample_alert import make_alert
 from tests.connectors.test_faults import wait_for
 from tests.monitor.test_notify import Receiver
 

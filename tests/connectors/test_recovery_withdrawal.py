@@ -13,7 +13,7 @@ import pytest
 
 from monitor.broker import LocalBroker
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import (
+from tests.support.kafkatools import (
     ServiceProcess, alert_records, create_topics, events_as_records, final_pairs, produce, read_topic,
     wait_until_consumed)
 

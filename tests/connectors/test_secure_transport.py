@@ -3,8 +3,9 @@ over TLS (SASL_SSL) and without (SASL_PLAINTEXT), the password from the environm
 certificate, a plaintext client and a wrong password are refused, the service says so, stays not ready, never
 crashes and never writes the password to its log.
 
-The broker is Tansu 0.6.0 (see monitor/broker.py for what it can not do itself: TLS is terminated and SASL/PLAIN is
-checked on loopback in front of it). Tansu's own `--authentication` (SCRAM) is exercised for refusal.
+The broker is Tansu 0.6.0 (see tests/support/relays.py for what it can not do itself: TLS is terminated and
+SASL/PLAIN is checked on loopback in front of it, by `SecuredBroker`). Tansu's own `--authentication` (SCRAM) is
+exercised for refusal.
 Certificates are made at test time with the openssl command: a CA, and a server certificate for 127.0.0.1 and
 localhost signed by it; a second CA plays the certificate nobody trusts.
 """
@@ -27,7 +28,8 @@ from kafka.errors import KafkaError
 
 from monitor.broker import LocalBroker, free_port
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
+from tests.support.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
+from tests.support.relays import SecuredBroker
 
 SCENARIO = SHARED / "scenarios" / "13_excl_neutropenia_si_units.jsonl"
 RULE = "ELIG-NEUTROPENIA"
@@ -107,7 +109,7 @@ def write_config(path: Path, kafka: dict[str, Any]) -> Path:
     return path
 
 
-def end_to_end(*, broker: LocalBroker, client: dict[str, Any], service_kafka: dict[str, Any], tmp_path: Path,
+def end_to_end(*, broker: SecuredBroker, client: dict[str, Any], service_kafka: dict[str, Any], tmp_path: Path,
                env: dict[str, str] | None = None) -> str:
     """Scenario in, alert out, both through the secured listener; returns the service log."""
     names, metrics = topics(), free_port()
@@ -130,7 +132,7 @@ def end_to_end(*, broker: LocalBroker, client: dict[str, Any], service_kafka: di
 
 
 def test_tls_end_to_end_and_clients_without_the_ca_or_without_tls_are_refused(certs, tmp_path):
-    with LocalBroker(tls_cert=certs["cert"], tls_key=certs["key"], log_path=tmp_path / "broker.log") as broker:
+    with SecuredBroker(tls_cert=certs["cert"], tls_key=certs["key"], log_path=tmp_path / "broker.log") as broker:
         tls = {"security_protocol": "SSL", "ssl_cafile": str(certs["ca"])}
         assert refused(broker.bootstrap, security_protocol="PLAINTEXT")
         assert refused(broker.bootstrap, security_protocol="SSL")  # the system's CAs do not know the test CA
@@ -141,7 +143,7 @@ def test_tls_end_to_end_and_clients_without_the_ca_or_without_tls_are_refused(ce
 
 
 def test_a_service_that_does_not_trust_the_broker_certificate_says_so_and_stays_not_ready(certs, tmp_path):
-    with LocalBroker(tls_cert=certs["cert"], tls_key=certs["key"], log_path=tmp_path / "broker.log") as broker:
+    with SecuredBroker(tls_cert=certs["cert"], tls_key=certs["key"], log_path=tmp_path / "broker.log") as broker:
         metrics, log = free_port(), tmp_path / "service.log"
         config = write_config(tmp_path / "monitor.yaml",
                               {"security_protocol": "SSL", "ssl_cafile": str(certs["other_ca"])})
@@ -162,8 +164,8 @@ def test_a_service_that_does_not_trust_the_broker_certificate_says_so_and_stays_
 def test_sasl_plain_end_to_end_with_the_password_from_the_environment_or_a_file(certs, tmp_path, protocol, source):
     password = f"pw-{uuid.uuid4().hex}"
     tls = protocol == "SASL_SSL"
-    with LocalBroker(sasl_plain_users={"monitor": password}, log_path=tmp_path / "broker.log",
-                     tls_cert=certs["cert"] if tls else None, tls_key=certs["key"] if tls else None) as broker:
+    with SecuredBroker(sasl_plain_users={"monitor": password}, log_path=tmp_path / "broker.log",
+                       tls_cert=certs["cert"] if tls else None, tls_key=certs["key"] if tls else None) as broker:
         kafka: dict[str, Any] = {"security_protocol": protocol, "sasl_mechanism": "PLAIN",
                                  "sasl_plain_username": "monitor"}
         if tls:
@@ -184,8 +186,8 @@ def test_sasl_plain_end_to_end_with_the_password_from_the_environment_or_a_file(
 
 def test_a_wrong_password_is_refused_logged_clearly_and_never_written_to_the_log(certs, tmp_path):
     right, wrong = f"pw-{uuid.uuid4().hex}", f"wrong-{uuid.uuid4().hex}"
-    with LocalBroker(sasl_plain_users={"monitor": right}, tls_cert=certs["cert"], tls_key=certs["key"],
-                     log_path=tmp_path / "broker.log") as broker:
+    with SecuredBroker(sasl_plain_users={"monitor": right}, tls_cert=certs["cert"], tls_key=certs["key"],
+                       log_path=tmp_path / "broker.log") as broker:
         metrics, log = free_port(), tmp_path / "service.log"
         config = write_config(tmp_path / "monitor.yaml", {
             "security_protocol": "SASL_SSL", "ssl_cafile": str(certs["ca"]), "sasl_mechanism": "PLAIN",
@@ -209,7 +211,7 @@ def test_tansu_authentication_refuses_an_unknown_scram_user_and_the_service_stay
     """Tansu's own --authentication: without a provisioned user nobody gets in (on memory storage a user can
     not be created once authentication is required), which is the refusal path of a real broker's SASL."""
     password = f"scram-{uuid.uuid4().hex}"
-    with LocalBroker(authentication=True, log_path=tmp_path / "broker.log") as broker:
+    with LocalBroker(extra_args=["--authentication"], log_path=tmp_path / "broker.log") as broker:
         assert refused(broker.bootstrap, security_protocol="PLAINTEXT")
         metrics, log = free_port(), tmp_path / "service.log"
         config = write_config(tmp_path / "monitor.yaml", {

@@ -15,7 +15,7 @@ import pytest
 from monitor.broker import LocalBroker, free_port
 from monitor.config import Settings
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
+from tests.support.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
 
 SCENARIO = SHARED / "scenarios" / "13_excl_neutropenia_si_units.jsonl"
 

@@ -13,7 +13,7 @@ from connectors.delivery import DeliveryError
 from connectors.webhook import WebhookSink
 from monitor.alerts import Alert
 from monitor.broker import free_port
-from tests.connectors.sample_alert import make_alert
+from tests.support.sample_alert import make_alert
 
 
 class Receiver:

@@ -20,7 +20,7 @@ import yaml
 from monitor.broker import LocalBroker, free_port
 from monitor.generate import generate
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
+from tests.support.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None and not os.environ.get("CI"),

@@ -16,7 +16,7 @@ from monitor.evaluator import Monitor
 from monitor.fhir import FhirMapper
 from monitor.replay import replay
 from tests.conftest import SCENARIOS, final_alerts, load_scenario, run_events
-from tests.fhirconv import to_fhir_lines
+from tests.support.fhirconv import to_fhir_lines
 
 
 def run_fhir(lines: list[str], *, until: str | None, rules, tmp_path: Path):
@@ -188,7 +188,7 @@ def test_the_shared_check_tool_passes_every_scenario_replayed_as_fhir():
     import subprocess
     import sys
 
-    shim = Path(__file__).resolve().parents[1] / "fhir_replay_shim.py"
+    shim = Path(__file__).resolve().parents[1] / "support" / "fhir_replay_shim.py"
     proc = subprocess.run([sys.executable, str(CHECK_TOOL), "--cmd", f"{sys.executable} {shim}",
                            *map(str, SCENARIOS)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

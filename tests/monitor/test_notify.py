@@ -115,7 +115,7 @@ def test_a_full_store_raises_store_unavailable_and_stores_nothing(tmp_path):
     """SQLite's own limit (`max_page_count`) makes the database full without a mount: the write fails as a whole,
     with a message that says what to do, and the store is usable again once there is room."""
     from monitor.store import StoreUnavailable
-    from tests.connectors.sample_alert import make_alert
+    from tests.support.sample_alert import make_alert
 
     store = AlertStore(url=f"sqlite:///{tmp_path / 'alerts.db'}")
     store.add_record(make_alert(), sinks=["x"])
@@ -197,8 +197,8 @@ def test_store_full_then_read_only_the_notifier_stops_says_why_and_loses_nothing
     from collections import Counter
 
     from monitor.broker import LocalBroker
-    from tests.connectors.kafkatools import committed_offsets, create_topics, produce
-    from tests.connectors.sample_alert import make_alert
+    from tests.support.kafkatools import committed_offsets, create_topics, produce
+    from tests.support.sample_alert import make_alert
 
     def alerts(first: int, n: int) -> list[tuple[bytes, bytes]]:
         template = make_alert()
@@ -300,7 +300,7 @@ def test_run_with_an_unwritable_audit_store_refuses_to_start_and_says_why(small_
 def test_a_withdrawal_stored_before_its_alert_leaves_the_alert_withdrawn(tmp_path):
     """After an outage the alerts topic may hold a withdrawal before the alert it withdraws; the store's state does
     not depend on that order."""
-    from tests.connectors.sample_alert import make_alert
+    from tests.support.sample_alert import make_alert
 
     store = AlertStore(url=f"sqlite:///{tmp_path / 'alerts.db'}")
     assert store.add_record(make_alert("retracted"))

@@ -15,7 +15,7 @@ import pytest
 from monitor.alerts import Alert
 from monitor.store import SCHEMA_VERSION, AlertStore, utc_instant
 from tests.conftest import SHARED, load_scenario, run_events
-from tests.pgtools import TempPostgres, pg_bindir
+from tests.support.pgtools import TempPostgres, pg_bindir
 
 LEGACY = Path(__file__).parent / "legacy" / "store_b514a41.py"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import SHARED, final_alerts, load_scenario, run_events
-from tests.pgtools import TempPostgres, pg_bindir
+from tests.support.pgtools import TempPostgres, pg_bindir
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
 pytestmark = pytest.mark.skipif(pg_bindir() is None and not os.environ.get("CI"),

@@ -11,7 +11,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from monitor.store import AlertStore
-from tests.pgtools import TempPostgres, pg_bindir
+from tests.support.pgtools import TempPostgres, pg_bindir
 from tests.web.inboxtools import PASSWORDS, fill
 from tests.web.test_inbox_http import client_for, csrf_of, make_app
 

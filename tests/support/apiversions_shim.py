@@ -13,29 +13,19 @@ import socket
 import struct
 import threading
 
-from monitor.broker import _uvarint  # Kafka's unsigned varint, as the SASL gateway reads it
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
+from tests.support.relays import read_frame, sized, uvarint
 
 
 def _strip_apiversions_tags(body: bytes) -> bytes:
     """body = correlation id (4) + error (2) + compact array of (key, min, max, tags) + throttle (4) + tags."""
     pos = 6
-    count, pos = _uvarint(body, pos)
+    count, pos = uvarint(body, pos)
     for _ in range(max(count - 1, 0)):
         pos += 6
-        tags, pos = _uvarint(body, pos)
+        tags, pos = uvarint(body, pos)
         for _ in range(tags):
-            _, pos = _uvarint(body, pos)
-            size, pos = _uvarint(body, pos)
+            _, pos = uvarint(body, pos)
+            size, pos = uvarint(body, pos)
             pos += size
     pos += 4
     return body[:pos] + b"\x00"
@@ -73,25 +63,25 @@ class ApiVersionsShim:
     @staticmethod
     def _requests(src: socket.socket, dst: socket.socket, pending: set[int]) -> None:
         try:
-            while True:
-                size = _read_exact(src, 4)
-                body = _read_exact(src, struct.unpack(">i", size)[0])
-                api_key, version, correlation = struct.unpack(">hhi", body[:8])
+            while (request := read_frame(src)) is not None:
+                api_key, version, correlation = struct.unpack(">hhi", request[4:12])
                 if api_key == 18 and version >= 3:
                     pending.add(correlation)
-                dst.sendall(size + body)
-        except (ConnectionError, OSError):
-            dst.close()
+                dst.sendall(request)
+        except OSError:
+            pass
+        dst.close()
 
     @staticmethod
     def _responses(src: socket.socket, dst: socket.socket, pending: set[int]) -> None:
         try:
-            while True:
-                body = _read_exact(src, struct.unpack(">i", _read_exact(src, 4))[0])
+            while (response := read_frame(src)) is not None:
+                body = response[4:]
                 correlation = struct.unpack(">i", body[:4])[0]
                 if correlation in pending:
                     pending.discard(correlation)
                     body = _strip_apiversions_tags(body)
-                dst.sendall(struct.pack(">i", len(body)) + body)
-        except (ConnectionError, OSError):
-            dst.close()
+                dst.sendall(sized(body))
+        except OSError:
+            pass
+        dst.close()

@@ -9,10 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from monitor.cli import main  # noqa: E402
-from tests.fhirconv import to_fhir_lines  # noqa: E402
+from tests.support.fhirconv import to_fhir_lines  # noqa: E402
 
 
 def run(argv: list[str]) -> int:

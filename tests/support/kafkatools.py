@@ -1,0 +1,185 @@
+"""Helpers for the integration tests against a real Kafka-protocol broker on loopback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+DATETIME_FIELDS = ("occurred_at", "recorded_at", "start_at", "end_at", "infusion_end_at", "consent_signed_at",
+                   "investigator_aware_at")
+DATE_FIELDS = ("birth_date",)
+
+
+def create_topics(bootstrap: str, names: dict[str, int], **security: Any) -> None:
+    """`security`: kafka-python client options (security_protocol, ssl_cafile, sasl_...) for a secured broker."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **security)
+    try:
+        admin.create_topics([NewTopic(n, p, 1) for n, p in names.items()])
+    finally:
+        admin.close()
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]], **security: Any) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=8_000_000, **security)
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def events_as_records(events: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes]]:
+    return [(e.get("subject_id", "").encode(), json.dumps(e).encode()) for e in events]
+
+
+def read_topic(bootstrap: str, topic: str, *, until: Any = None, timeout_s: float = 60.0,
+               **security: Any) -> list[Any]:
+    """All messages of a topic; with `until(messages) -> bool`, keeps reading until it holds or time runs out."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **security)
+    consumer.topics()
+    parts = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for msgs in consumer.poll(timeout_ms=300).values():
+                out.extend(msgs)
+            ends = consumer.end_offsets(tps)
+            caught_up = all(consumer.position(tp) >= ends[tp] for tp in tps)
+            if caught_up and (until is None or until(out)):
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def alert_records(messages: list[Any]) -> list[dict[str, Any]]:
+    return [json.loads(m.value) for m in messages]
+
+
+def final_pairs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    withdrawn = {r["alert_id"] for r in records if r["status"] == "retracted"}
+    seen, out = set(), []
+    for r in records:
+        if r["status"] == "raised" and r["alert_id"] not in withdrawn and r["alert_id"] not in seen:
+            seen.add(r["alert_id"])
+            out.append(r)
+    return out
+
+
+class ServiceProcess:
+    """`protocol-monitor run` as a child process, stopped (or killed) by its PID."""
+
+    def __init__(self, *, bootstrap: str, topics: dict[str, str], group: str, log: Path,
+                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}  # e.g. PROTOCOL_MONITOR_KAFKA__SASL_PLAIN_PASSWORD
+        self.argv = [sys.executable, "-m", "monitor", "run", "--bootstrap-servers", bootstrap,
+                     "--events-topic", topics["events"], "--alerts-topic", topics["alerts"],
+                     "--dead-letter-topic", topics["dead"], "--group-id", group, *(extra or [])]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "ServiceProcess":
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PROTOCOL_MONITOR_SESSION_TIMEOUT_MS="6000",
+                   PROTOCOL_MONITOR_HEARTBEAT_INTERVAL_MS="1000", **self.env)
+        self.proc = subprocess.Popen(self.argv, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            return proc.wait(timeout=10)
+
+
+def shift_events(events: list[dict[str, Any]], days: int) -> list[dict[str, Any]]:
+    """Move a timeline by whole days (so local clock times and calendar logic are unchanged in one season)."""
+    delta = dt.timedelta(days=days)
+    out = []
+    for e in events:
+        e = json.loads(json.dumps(e))
+        for name in DATETIME_FIELDS:
+            if e.get(name):
+                e[name] = (dt.datetime.fromisoformat(e[name]) + delta).isoformat()
+        for name in DATE_FIELDS:
+            if e.get(name):
+                e[name] = (dt.date.fromisoformat(e[name]) + delta).isoformat()
+        kd = e.get("kd_diagnosis")
+        if kd and kd.get("fever_onset_date"):
+            kd["fever_onset_date"] = (dt.date.fromisoformat(kd["fever_onset_date"]) + delta).isoformat()
+        out.append(e)
+    return out
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets per partition (an OffsetFetch; the probe never joins the group)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        consumer.topics()
+        parts = sorted(consumer.partitions_for_topic(topic) or set())
+        out = {}
+        for p in parts:
+            off = consumer.committed(TopicPartition(topic, p))
+            if off is not None:
+                out[p] = off
+        return out
+    finally:
+        consumer.close(autocommit=False)
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        parts: set[int] = set()
+        deadline = time.monotonic() + 10
+        while not parts and time.monotonic() < deadline:
+            consumer.topics()  # forces a metadata refresh
+            parts = consumer.partitions_for_topic(topic) or set()
+        assert parts, f"topic {topic} has no partitions"
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
+def wait_until_consumed(bootstrap: str, group: str, topic: str, timeout_s: float) -> bool:
+    ends = end_offsets(bootstrap, topic)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = committed_offsets(bootstrap, group, topic)
+        if all(end == 0 or done.get(p, -1) >= end for p, end in ends.items()):  # an empty partition has nothing to do
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def same_local_clock(events: list[dict[str, Any]], days: int, zone: str = "Europe/Paris") -> bool:
+    """True if moving every instant by `days` keeps its local UTC offset (no daylight-saving change between)."""
+    from zoneinfo import ZoneInfo
+
+    tz, delta = ZoneInfo(zone), dt.timedelta(days=days)
+    for e in events:
+        for name in DATETIME_FIELDS:
+            if e.get(name):
+                t = dt.datetime.fromisoformat(e[name])
+                if t.astimezone(tz).utcoffset() != (t + delta).astimezone(tz).utcoffset():
+                    return False
+    return True
