@@ -1,4 +1,5 @@
-"""The small protocols every source and sink implements (like quix-streams' `BaseSink.add/flush`)."""
+"""The small protocols every source and sink implements (like quix-streams' `BaseSink.add/flush`), and the one
+every alert receiver implements (`Deliverer`, with its `DeliveryError`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from monitor.alerts import Alert
-from monitor.errors import EventRejected
+from monitor.errors import EventRejected, MonitorError
 
 
 @dataclass(frozen=True)
@@ -38,3 +39,13 @@ class RejectSink(Protocol):
     def add(self, record: RawRecord, error: EventRejected) -> None: ...
 
     def flush(self) -> None: ...
+
+
+class DeliveryError(MonitorError):
+    """A receiver did not take an alert; it stays in the outbox and is retried."""
+
+
+class Deliverer(Protocol):
+    """An alert receiver (e-mail, webhook): takes one alert record or raises DeliveryError."""
+
+    def deliver(self, alert: Alert) -> None: ...

@@ -20,20 +20,13 @@ A withdrawal is routed like the alert it withdraws, so every receiver gets the f
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from connectors.base import Deliverer
 from monitor.alerts import Alert
-from monitor.errors import ConfigError, MonitorError
-
-
-class DeliveryError(MonitorError):
-    """A receiver did not take an alert; it stays in the outbox and is retried."""
-
-
-class Deliverer(Protocol):
-    def deliver(self, alert: Alert) -> None: ...
+from monitor.errors import ConfigError
 
 
 class Match(BaseModel):

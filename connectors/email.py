@@ -17,7 +17,7 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
-from connectors.delivery import DeliveryError
+from connectors.base import DeliveryError
 from monitor.alerts import Alert
 
 log = logging.getLogger(__name__)

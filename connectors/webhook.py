@@ -19,7 +19,7 @@ from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
-from connectors.delivery import DeliveryError
+from connectors.base import DeliveryError
 from monitor.alerts import Alert
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ import logging
 import threading
 import time
 
-from connectors.delivery import DeliveryError, Router
+from connectors.base import DeliveryError
+from connectors.delivery import Router
 from monitor.alerts import Alert
 from monitor.config import Settings
 from monitor.store import AlertStore, StoreUnavailable

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from connectors.delivery import DeliveryError
+from connectors.base import DeliveryError
 from connectors.email import SmtpSink, format_email
 from monitor.broker import free_port
 from monitor.errors import MonitorError

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from connectors.delivery import DeliveryError
+from connectors.base import DeliveryError
 from connectors.webhook import WebhookSink
 from monitor.alerts import Alert
 from monitor.broker import free_port
