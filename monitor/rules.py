@@ -7,123 +7,22 @@ reports every problem with its file and line, and compiles the rules into durabl
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from monitor.errors import RuleFileError
 from monitor.facts import FACTS
+from monitor.yamlfiles import closest, line_for, load_yaml, pydantic_problems
 
 Severity = Literal["critical", "major", "minor", "info"]
 Category = Literal["eligibility", "dosing", "concomitant", "endpoint", "schedule", "safety", "data_quality"]
 SEVERITIES: tuple[str, ...] = ("critical", "major", "minor", "info")
 OPERATORS = {"eq", "ne", "lt", "lte", "gt", "gte", "in"}
 DEFAULT_RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
-
-# --------------------------------------------------------------------------------------------------------------
-# YAML with line numbers
-
-
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-"""Safe loader only (a `!!python/object` tag is refused, never constructed); libyaml's when PyYAML has it (about
-10x faster: a hot reload parses every file)."""
-
-
-def _load_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
-    """Parse YAML and remember the line of every mapping key and sequence item (1-based)."""
-    lines: dict[tuple[Any, ...], int] = {}
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RuleFileError([(str(path), mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
-
-    def walk(n: yaml.Node | None, at: tuple[Any, ...]) -> None:
-        if n is None:
-            return
-        lines.setdefault(at, n.start_mark.line + 1)
-        if isinstance(n, yaml.MappingNode):
-            seen: set[Any] = set()
-            for key_node, value_node in n.value:
-                key = key_node.value
-                if key in seen:
-                    duplicates.append((str(path), key_node.start_mark.line + 1, f"duplicate key '{key}'"))
-                seen.add(key)
-                lines[at + (key,)] = key_node.start_mark.line + 1
-                walk(value_node, at + (key,))
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                lines[at + (i,)] = item.start_mark.line + 1
-                walk(item, at + (i,))
-
-    duplicates: list[tuple[str, int | None, str]] = []
-    walk(node, ())
-    if duplicates:
-        raise RuleFileError(duplicates)
-    try:
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RuleFileError([(str(path), mark.line + 1 if mark else None, f"not valid YAML: {exc}")]) from None
-    finally:
-        loader.dispose()
-    return data, lines
-
-
-def _line_for(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
-    for end in range(len(loc), -1, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
-
-
-def _field_names(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
-    """The valid field names at a location of a model (for "did you mean ...")."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int) or current is None:
-            continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        annotation = field.annotation
-        for candidate in (annotation, *getattr(annotation, "__args__", ())):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                current = candidate
-                break
-            for inner in getattr(candidate, "__args__", ()):
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    current = inner
-                    break
-    return list(getattr(current, "model_fields", {}))
-
-
-def _pydantic_problems(path: Path, exc: ValidationError, lines: dict[tuple[Any, ...], int],
-                       model: type[BaseModel] | None = None) -> list[tuple[str, int | None, str]]:
-    """pydantic errors as rule authors read them: the YAML path, the line, what is wrong and what was written.
-    Union alternatives (a severity that is neither a word nor a mapping) are reported once."""
-    out, seen = [], set()
-    for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
-            p.startswith("function-") or "[" in p or p[:1].isupper())))
-        if loc in seen:
-            continue
-        seen.add(loc)
-        where = ".".join(str(p) for p in loc)
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown field '{loc[-1]}'{_closest(str(loc[-1]), _field_names(model, loc[:-1]))}"
-        elif isinstance(err.get("input"), (str, int, float, bool)) and err["type"] != "missing":
-            msg = f"{msg} (got {err['input']!r})"
-        out.append((str(path), _line_for(lines, loc), f"{where}: {msg}" if where else msg))
-    return out
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Models of the files
@@ -471,11 +370,6 @@ class Tables(_Strict):
 # Conditions
 
 
-def _closest(word: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 class ParamValue(float):
     """A threshold a rule file takes from parameters.yaml (`{param: escalation_ratio}`): the number itself, which
     also remembers its name, so the rule catalogue and an alert's `rule_condition` show `1.1 (escalation_ratio)`.
@@ -504,7 +398,7 @@ def resolve_params(cond: Any, parameters: Any, problems: list[str]) -> Any:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 known = sorted(k for k, v in type(parameters).model_fields.items()
                                if v.annotation in (float, int, "float", "int"))
-                problems.append(f"'param: {name}' is not a number in parameters.yaml{_closest(str(name), known)}")
+                problems.append(f"'param: {name}' is not a number in parameters.yaml{closest(str(name), known)}")
                 return cond
             return ParamValue(float(value), str(name))
         return {k: resolve_params(v, parameters, problems) for k, v in cond.items()}
@@ -533,7 +427,7 @@ def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, An
             parts.append({"$and" if name == "all" else "$or": [compile_condition(c, fact, problems) for c in test]})
             continue
         if name not in fields:
-            problems.append(f"fact '{fact}' has no field '{name}'{_closest(str(name), list(fields))}")
+            problems.append(f"fact '{fact}' has no field '{name}'{closest(str(name), list(fields))}")
             continue
         tests = test if isinstance(test, dict) else {"eq": test}
         if not tests:
@@ -541,7 +435,7 @@ def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, An
             continue
         for op, value in tests.items():
             if op not in OPERATORS:
-                problems.append(f"unknown operator '{op}' on '{name}'{_closest(str(op), sorted(OPERATORS))}")
+                problems.append(f"unknown operator '{op}' on '{name}'{closest(str(op), sorted(OPERATORS))}")
                 continue
             values = value if op == "in" else [value]
             if op == "in" and (not isinstance(value, list) or not value):
@@ -668,7 +562,7 @@ class RuleSet:
     tables: Tables
     rules: dict[str, Rule]
     files: tuple[str, ...] = field(default=())
-    kri: Any = None  # monitor.kri.KriFile from kri.yaml, or None without one
+    kri: Any = None  # monitor.kri_file.KriFile from kri.yaml, or None without one
 
     def engine_definition(self) -> dict[str, Any]:
         """The durable_rules ruleset body: rule name → definition (identical for every shard)."""
@@ -683,7 +577,7 @@ def _validate(model: type[BaseModel], data: Any, path: Path, lines: dict[tuple[A
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_pydantic_problems(path, exc, lines, model))
+        problems.extend(pydantic_problems(path, exc, lines, model))
         return None
 
 
@@ -710,7 +604,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
             problems.append((str(p), None, f"required file {rel} is missing"))
             return None
         try:
-            data, lines = _load_yaml(p, texts[p])
+            data, lines = load_yaml(p, texts[p])
         except RuleFileError as exc:
             problems.extend(exc.problems)
             return None
@@ -727,7 +621,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
     rules: dict[str, Rule] = {}
     rule_files = [p for p in files if p.parent == root and p.name not in ("parameters.yaml", "kri.yaml")]
     try:  # the site-risk KRIs and QTLs (issue 20) are checked with the rules: a bad one is refused the same way
-        from monitor.kri import load_kri
+        from monitor.kri_file import load_kri
 
         kri = load_kri(root)
     except RuleFileError as exc:
@@ -739,7 +633,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
         if p not in texts:
             continue
         try:
-            data, lines = _load_yaml(p, texts[p])
+            data, lines = load_yaml(p, texts[p])
         except RuleFileError as exc:
             problems.extend(exc.problems)
             continue
@@ -759,11 +653,11 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
             for n, (fact, when, at, message) in enumerate(variants):
                 where = "" if n == 0 else f"alternatives[{n - 1}]: "
                 if fact not in FACTS:
-                    local.append(f"{where}unknown derived fact '{fact}'{_closest(fact, sorted(FACTS))}")
+                    local.append(f"{where}unknown derived fact '{fact}'{closest(fact, sorted(FACTS))}")
                     continue
                 fields = FACTS[fact].fields
                 if at not in fields or fields[at] is not str:
-                    local.append(f"{where}'at: {at}' is not a time field of fact '{fact}'{_closest(at, list(fields))}")
+                    local.append(f"{where}'at: {at}' is not a time field of fact '{fact}'{closest(at, list(fields))}")
                 if isinstance(spec.severity, SeverityMap) and spec.severity.field not in fields:
                     local.append(f"{where}severity field '{spec.severity.field}' is not a field of '{fact}'")
                 cond_problems: list[str] = []
@@ -810,13 +704,13 @@ def _plausibility_problems(path: Path, texts: dict[Path, str], params: Parameter
                            table: PlausibilityTable) -> list[tuple[str, int | None, str]]:
     """Cross-file checks: every analyte the monitor identifies has a range, in the unit its conversions lead to
     (otherwise a new analyte would be checked against nothing, or against a range in another unit)."""
-    _, lines = _load_yaml(path, texts[path])
+    _, lines = load_yaml(path, texts[path])
     targets = {"ANC": params.units.anc_to_10e9_per_l, "creatinine": params.units.creatinine_to_mg_dl,
                **params.units.lab_conversions}
     out: list[tuple[str, int | None, str]] = []
     for analyte in params.lab_analytes:
         if analyte not in table.labs:
-            out.append((str(path), _line_for(lines, ("labs",)),
+            out.append((str(path), line_for(lines, ("labs",)),
                         f"labs: analyte '{analyte}' (parameters.yaml lab_analytes) has no plausible range"))
     for analyte, entry in table.labs.items():
         factors = targets.get(analyte)
@@ -824,7 +718,7 @@ def _plausibility_problems(path: Path, texts: dict[Path, str], params: Parameter
             continue
         base = sorted(unit for unit, factor in factors.items() if factor == 1)
         if entry.unit not in base:
-            out.append((str(path), _line_for(lines, ("labs", analyte, "unit")),
+            out.append((str(path), line_for(lines, ("labs", analyte, "unit")),
                         f"labs.{analyte}.unit: '{entry.unit}' is not a unit parameters.yaml converts {analyte} to "
                         f"(factor 1: {', '.join(base) or 'none'})"))
     return out
@@ -849,7 +743,7 @@ class _FormatProbe(dict):
 
     def __missing__(self, key: str) -> Any:
         if key not in self._fields:
-            raise KeyError(f"unknown field {key!r}{_closest(key, list(self._fields))}")
+            raise KeyError(f"unknown field {key!r}{closest(key, list(self._fields))}")
         return {float: 1.0, str: "x", bool: True}[self._fields[key]]
 
 

@@ -34,7 +34,8 @@ from connectors.memory import ListSink, MemorySource
 from monitor.clock import ReplayClock
 from monitor.errors import RuleFileError
 from monitor.evaluator import Monitor
-from monitor.rules import RuleSet, _load_yaml, _pydantic_problems
+from monitor.rules import RuleSet
+from monitor.yamlfiles import load_yaml, pydantic_problems
 
 _OFFSET = re.compile(r"^T0(?P<rest>([+-]\d+(\.\d+)?[dhm](\d+(\.\d+)?[dhm])*)*)$")
 TOLERANCE_S = 60
@@ -130,11 +131,11 @@ def load_suite(directory: str | Path) -> Suite:
     bases_path = root / "bases.yaml"
     bases: dict[str, Base] = {}
     if bases_path.is_file():
-        data, lines = _load_yaml(bases_path, bases_path.read_text())
+        data, lines = load_yaml(bases_path, bases_path.read_text())
         try:
             bases = Bases.model_validate(data).bases
         except ValidationError as exc:
-            problems.extend(_pydantic_problems(bases_path, exc, lines))
+            problems.extend(pydantic_problems(bases_path, exc, lines))
         for name, b in list(bases.items()):
             if b.extends is not None:
                 parent = bases.get(b.extends)
@@ -151,11 +152,11 @@ def load_suite(directory: str | Path) -> Suite:
     for path in sorted(root.glob("*.yaml")):
         if path.name == "bases.yaml":
             continue
-        data, lines = _load_yaml(path, path.read_text())
+        data, lines = load_yaml(path, path.read_text())
         try:
             tf = TestFile.model_validate(data)
         except ValidationError as exc:
-            problems.extend(_pydantic_problems(path, exc, lines))
+            problems.extend(pydantic_problems(path, exc, lines))
             continue
         for i, t in enumerate(tf.tests):
             if t.base not in bases:
