@@ -13,7 +13,7 @@ import socket
 import struct
 import threading
 
-from tests.support.relays import read_frame, sized, uvarint
+from tests.support.relays import LoopbackRelay, read_frame, sized, uvarint
 
 
 def _strip_apiversions_tags(body: bytes) -> bytes:
@@ -31,34 +31,20 @@ def _strip_apiversions_tags(body: bytes) -> bytes:
     return body[:pos] + b"\x00"
 
 
-class ApiVersionsShim:
-    def __init__(self, *, upstream_port: int, listen_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.listen_port = listen_port
-        self.server = socket.socket()
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind(("127.0.0.1", listen_port))
-        self.server.listen(16)
-        self._stop = threading.Event()
+class ApiVersionsShim(LoopbackRelay):
+    """Listens on 127.0.0.1:`listen_port`, forwards to 127.0.0.1:`upstream_port`, empties the tagged fields of
+    ApiVersions v3+ responses on the way back."""
 
-    def start(self) -> "ApiVersionsShim":
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
+    name = "apiversions-shim"
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.server.close()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            pending: set[int] = set()
-            threading.Thread(target=self._requests, args=(client, upstream, pending), daemon=True).start()
-            threading.Thread(target=self._responses, args=(upstream, client, pending), daemon=True).start()
+    def _serve(self, client: socket.socket) -> None:
+        self._track(client)
+        upstream = self._upstream(client)
+        if upstream is None:
+            return
+        pending: set[int] = set()  # correlation ids of ApiVersions v3+ requests awaiting their response
+        threading.Thread(target=self._responses, args=(upstream, client, pending), daemon=True).start()
+        self._requests(client, upstream, pending)
 
     @staticmethod
     def _requests(src: socket.socket, dst: socket.socket, pending: set[int]) -> None:
