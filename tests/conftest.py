@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
 from pathlib import Path
 import pytest
 
@@ -13,6 +14,7 @@ from monitor.clock import ReplayClock
 from monitor.evaluator import Monitor
 from monitor.replay import replay
 from monitor.rules import RuleSet, load_rules
+from tests.support.pgtools import TempPostgres
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SCENARIOS = sorted((SHARED / "scenarios").glob("*.jsonl"))
@@ -53,3 +55,12 @@ def load_scenario(path: Path) -> tuple[dict, list[dict]]:
 @pytest.fixture(scope="session")
 def rules() -> RuleSet:
     return load_rules()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[TempPostgres]:
+    """A throwaway PostgreSQL server for the module (tests/support/pgtools.py); mark the module
+    `pytestmark = requires_postgres` so that it is skipped where PostgreSQL is not installed."""
+    server = TempPostgres().start()
+    yield server
+    server.stop()

@@ -5,7 +5,6 @@ audit trail still verifies; instants are sorted as instants, not as text with mi
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from monitor.alerts import Alert
 from monitor.store import SCHEMA_VERSION, AlertStore, utc_instant
 from tests.conftest import SHARED, load_scenario, run_events
-from tests.support.pgtools import TempPostgres, pg_bindir
+from tests.support.pgtools import TempPostgres, requires_postgres
 
 LEGACY = Path(__file__).parent / "legacy" / "store_b514a41.py"
 
@@ -128,8 +127,7 @@ def test_instants_with_mixed_offsets_sort_as_instants(tmp_path):
     assert [r["alert_id"] for r in store.inbox(sites=None)] == ["early", "zulu", "late"]
 
 
-@pytest.mark.skipif(pg_bindir() is None and not os.environ.get("CI"),
-                    reason="PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+@requires_postgres
 def test_postgresql_store_of_the_previous_release_upgrades_in_place(tmp_path):
     pytest.importorskip("psycopg", reason="the postgres extra is not installed")
     server = TempPostgres().start()

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import SHARED, final_alerts, load_scenario, run_events
-from tests.support.pgtools import TempPostgres, pg_bindir
+from tests.support.pgtools import requires_postgres
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
-pytestmark = pytest.mark.skipif(pg_bindir() is None and not os.environ.get("CI"),
-                                reason="PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
-
-
-@pytest.fixture(scope="module")
-def pg():
-    server = TempPostgres().start()
-    yield server
-    server.stop()
+pytestmark = requires_postgres
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -1,5 +1,7 @@
 """A throwaway PostgreSQL server for tests: Debian's binaries, a temporary data directory, 127.0.0.1 and a free
-port, trust authentication, stopped by the test (pg_ctl stop, then its PID)."""
+port, trust authentication, stopped by the test (pg_ctl stop, then its PID).
+
+Tests take the module-scoped `pg` fixture (tests/conftest.py) and mark themselves with `requires_postgres`."""
 
 from __future__ import annotations
 
@@ -12,12 +14,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from monitor.broker import free_port
 
 
 def pg_bindir() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     return Path(found[-1]).parent if found else None
+
+
+requires_postgres = pytest.mark.skipif(
+    pg_bindir() is None and not os.environ.get("CI"),
+    reason="PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+"""Skip where PostgreSQL is not installed, except on CI, where its absence must fail."""
 
 
 class TempPostgres:

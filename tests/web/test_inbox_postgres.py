@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 
 import pytest
 from starlette.testclient import TestClient
 
 from monitor.store import AlertStore
-from tests.support.pgtools import TempPostgres, pg_bindir
+from tests.support.pgtools import requires_postgres
 from tests.web.inboxtools import PASSWORDS, fill
 from tests.web.test_inbox_http import client_for, csrf_of, make_app
 
 pytest.importorskip("psycopg", reason="the postgres extra is not installed")
-pytestmark = pytest.mark.skipif(pg_bindir() is None and not os.environ.get("CI"),
-                                reason="PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
-
-
-@pytest.fixture(scope="module")
-def pg():
-    server = TempPostgres().start()
-    yield server
-    server.stop()
+pytestmark = requires_postgres
 
 
 def test_inbox_on_postgresql(pg, tmp_path):
