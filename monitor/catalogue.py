@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from monitor.facts import FACTS
 from monitor.rules import RuleSet, SeverityMap, load_rules, render_condition
 from monitor.ruletest import load_suite
 
@@ -48,7 +47,7 @@ def catalogue(rules: RuleSet) -> str:
                 f"* Condition: fact `{spec.fact}` where {render_condition(spec.when)}"]
         for alt in spec.alternatives:
             out.append(f"* Or: fact `{alt.fact}` where {render_condition(alt.when)}")
-        out.append(f"* Fact `{spec.fact}`: {FACTS[spec.fact].doc}")
+        out.append(f"* Fact `{spec.fact}`: {rules.facts[spec.fact].doc}")
         out.append(f"* Alert `at`: `{spec.at}`; defined in `{where}` line {rule.line}")
         tests = covered.get(rule_id, [])
         out.append(f"* Tests ({len(tests)}): " + ("; ".join(tests) if tests else "**none**"))

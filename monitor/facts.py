@@ -9,6 +9,7 @@ Every fact has `at` (ISO-8601 event time, the alert's `at` by default). Time fie
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,29 @@ def _fact(name: str, doc: str, **fields: type) -> FactType:
     return FactType(name, doc, {"at": str, **fields})
 
 
-FACTS: dict[str, FactType] = {
-    f.name: f
-    for f in (
+class FactCatalogue(Mapping[str, FactType]):
+    """The fact types a rule file may name, by name. Passed in (to `load_rules`, the schema writer, the catalogue)
+    rather than read from a module global, so a test or a future protocol can bring its own."""
+
+    def __init__(self, types: Iterable[FactType]) -> None:
+        self._types = {t.name: t for t in types}
+
+    def __getitem__(self, name: str) -> FactType:
+        return self._types[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._types)
+
+    def __len__(self) -> int:
+        return len(self._types)
+
+
+def standard_catalogue() -> FactCatalogue:
+    """The facts monitor/derive.py computes (one entry per derivation output)."""
+    return FactCatalogue(_STANDARD)
+
+
+_STANDARD: tuple[FactType, ...] = (
         _fact(
             "baseline_lab",
             "The most recent valid pre-T0 value of an eligibility analyte (A-10); at = enrollment.",
@@ -172,8 +193,7 @@ FACTS: dict[str, FactType] = {
             "Whether a weight exists at enrollment from any source (enrollment, observation, dose record).",
             weight_known=bool, weight_kg=float, weight_source=str,
         ),
-    )
-}
+)
 
 
 @dataclass

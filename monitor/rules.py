@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from monitor.errors import RuleFileError
-from monitor.facts import FACTS
+from monitor.facts import FactCatalogue, FactType, standard_catalogue
 from monitor.yamlfiles import closest, line_for, load_yaml, pydantic_problems
 
 Severity = Literal["critical", "major", "minor", "info"]
@@ -407,14 +407,14 @@ def resolve_params(cond: Any, parameters: Any, problems: list[str]) -> Any:
     return cond
 
 
-def compile_condition(cond: Any, fact: str, problems: list[str]) -> dict[str, Any]:
+def compile_condition(cond: Any, fact: FactType, problems: list[str]) -> dict[str, Any]:
     """Rule-file condition → durable_rules expression on the current message, constants only.
 
     Grammar: a mapping whose entries must all hold; an entry is {field: {op: constant}} with op in
     eq ne lt lte gt gte in, {field: constant} meaning eq, or a group {all: [c...]} / {any: [c...]}. A constant
     may be `{param: name}`, resolved by `resolve_params` before compiling.
     """
-    fields = FACTS[fact].fields
+    fields = fact.fields
     if not isinstance(cond, dict) or not cond:
         problems.append(f"a condition must be a non-empty mapping, got {cond!r}")
         return {}
@@ -563,6 +563,7 @@ class RuleSet:
     rules: dict[str, Rule]
     files: tuple[str, ...] = field(default=())
     kri: Any = None  # monitor.kri_file.KriFile from kri.yaml, or None without one
+    facts: FactCatalogue = field(default_factory=standard_catalogue)  # the fact types the rules were checked against
 
     def engine_definition(self) -> dict[str, Any]:
         """The durable_rules ruleset body: rule name → definition (identical for every shard)."""
@@ -581,8 +582,10 @@ def _validate(model: type[BaseModel], data: Any, path: Path, lines: dict[tuple[A
         return None
 
 
-def load_rules(directory: str | Path | None = None) -> RuleSet:
-    """Load and validate a rules directory. Raises RuleFileError listing every problem with file and line."""
+def load_rules(directory: str | Path | None = None, *, facts: FactCatalogue | None = None) -> RuleSet:
+    """Load and validate a rules directory against a fact catalogue (default: the facts monitor/derive.py
+    computes). Raises RuleFileError listing every problem with file and line."""
+    facts = facts if facts is not None else standard_catalogue()
     root = Path(directory) if directory is not None else DEFAULT_RULES_DIR
     if not root.is_dir():
         raise RuleFileError([(str(root), None, "rules directory not found")])
@@ -652,10 +655,10 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
                 (a.fact, a.when, a.at, a.message) for a in spec.alternatives]
             for n, (fact, when, at, message) in enumerate(variants):
                 where = "" if n == 0 else f"alternatives[{n - 1}]: "
-                if fact not in FACTS:
-                    local.append(f"{where}unknown derived fact '{fact}'{closest(fact, sorted(FACTS))}")
+                if fact not in facts:
+                    local.append(f"{where}unknown derived fact '{fact}'{closest(fact, sorted(facts))}")
                     continue
-                fields = FACTS[fact].fields
+                fields = facts[fact].fields
                 if at not in fields or fields[at] is not str:
                     local.append(f"{where}'at: {at}' is not a time field of fact '{fact}'{closest(at, list(fields))}")
                 if isinstance(spec.severity, SeverityMap) and spec.severity.field not in fields:
@@ -664,7 +667,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
                 if parameters is not None:
                     when = resolve_params(when, parameters, cond_problems)
                     resolved[n] = when
-                expr = {} if cond_problems else compile_condition(when, fact, cond_problems)
+                expr = {} if cond_problems else compile_condition(when, facts[fact], cond_problems)
                 local.extend(f"{where}when: {m}" for m in cond_problems)
                 try:
                     message.format_map(_FormatProbe(fields))
@@ -694,6 +697,7 @@ def load_rules(directory: str | Path | None = None) -> RuleSet:
         rules=rules,
         files=tuple(str(p.relative_to(root)) for p in files),
         kri=kri,
+        facts=facts,
     )
 
 

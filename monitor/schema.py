@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from monitor.facts import FACTS
+from monitor.facts import FactCatalogue, standard_catalogue
 from monitor.kri import KriFile
 from monitor.fhir import FhirCodesFile
 from monitor.rules import (CypTable, ImmunosuppressantTable, LiveVaccineTable, Parameters, PlausibilityTable,
@@ -32,9 +32,9 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 }
 
 
-def _condition_schema() -> dict[str, Any]:
+def _condition_schema(facts: FactCatalogue) -> dict[str, Any]:
     """A condition: field tests on the fact's fields (all facts' fields offered), `all`/`any` groups."""
-    fields = sorted({name for f in FACTS.values() for name in f.fields})
+    fields = sorted({name for f in facts.values() for name in f.fields})
     ops: dict[str, dict[str, Any]] = {op: {} for op in ("eq", "ne", "lt", "lte", "gt", "gte")}
     ops["in"] = {"type": "array", "minItems": 1}
     test = {"anyOf": [{"type": ["string", "number", "boolean"]},
@@ -45,14 +45,15 @@ def _condition_schema() -> dict[str, Any]:
                            "any": {"type": "array", "items": {"$ref": "#/$defs/Condition"}, "minItems": 1}}}
 
 
-def schema_for(name: str) -> dict[str, Any]:
+def schema_for(name: str, facts: FactCatalogue | None = None) -> dict[str, Any]:
+    facts = facts if facts is not None else standard_catalogue()
     schema = SCHEMAS[name].model_json_schema()
     if name == "rules.schema.json":
         defs = schema.setdefault("$defs", {})
-        defs["Condition"] = _condition_schema()
+        defs["Condition"] = _condition_schema(facts)
         for model in ("RuleSpec", "Alternative"):
             props = defs[model]["properties"]
-            props["fact"] = {"enum": sorted(FACTS), "description": "a derived fact (monitor/facts.py)"}
+            props["fact"] = {"enum": sorted(facts), "description": "a derived fact (monitor/facts.py)"}
             props["when"] = {"$ref": "#/$defs/Condition"}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

@@ -291,3 +291,19 @@ def test_anc_threshold_edit_changes_the_verdict_for_anc_1_2(scenario_13, rules_d
     edited = run_scenario(lowered, header, events_path)
     assert [a for a in edited if a.rule == "ELIG-NEUTROPENIA"] == []
     assert all(a.rule_version == lowered.version for a in edited)
+
+
+def test_the_fact_catalogue_is_passed_in_not_read_from_a_global():
+    """load_rules checks rule files against the catalogue it is given: without `ladder_step` in it, the dosing
+    rules that name it are refused with their file and line."""
+    from monitor.errors import RuleFileError
+    from monitor.facts import FactCatalogue, standard_catalogue
+    from monitor.rules import load_rules
+
+    standard = standard_catalogue()
+    assert load_rules(facts=standard).facts is standard
+    reduced = FactCatalogue(t for name, t in standard.items() if name != "ladder_step")
+    with pytest.raises(RuleFileError) as refused:
+        load_rules(facts=reduced)
+    assert any(path.endswith("dosing.yaml") and line and "unknown derived fact 'ladder_step'" in message
+               for path, line, message in refused.value.problems)
