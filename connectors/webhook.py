@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from connectors.base import DeliveryError
+from monitor.backoff import Backoff
 from monitor.alerts import Alert
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class WebhookSink:
 
     def delay(self, attempt: int) -> float:
         """Back-off before retry number `attempt + 1`: backoff_s * 2**attempt, capped at max_backoff_s."""
-        return min(self.backoff_s * (2 ** attempt), self.max_backoff_s)
+        return Backoff(base_s=self.backoff_s, max_s=self.max_backoff_s).delay(attempt)
 
     def _request(self, alert: Alert, body: bytes) -> urllib.request.Request:
         headers = {"User-Agent": USER_AGENT, **self.headers,

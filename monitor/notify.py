@@ -22,6 +22,7 @@ import time
 from connectors.base import DeliveryError
 from connectors.delivery import Router
 from monitor.alerts import Alert
+from monitor.backoff import Backoff
 from monitor.config import Settings
 from monitor.store import AlertStore, StoreUnavailable
 
@@ -55,7 +56,7 @@ class Notifier:
                 sink.deliver(self.store.record_for(alert_id, status))
             except DeliveryError as exc:
                 self.failed += 1
-                wait = min(self.max_retry_s, self.base_retry_s * 2 ** attempts)
+                wait = Backoff(base_s=self.base_retry_s, max_s=self.max_retry_s).delay(attempts)
                 log.warning("delivery to %s failed (attempt %d), retrying in %.0f s: %s", sink_name, attempts + 1,
                             wait, exc)
                 self.store.mark_failed(alert_id, status, sink_name, error=str(exc), retry_in_s=wait)
