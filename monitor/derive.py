@@ -270,7 +270,7 @@ class Deriver:
     INPUTS: dict[str, frozenset[str]] = {
         "_weight": frozenset({"measure"}),
         "_temperature_quality": frozenset({"temperature"}),
-        "_unit_quality": frozenset({"lab_result", "temperature", "measure"}),
+        "_unit_quality": frozenset({"lab_result", "measure"}),  # it skips every vital sign that is no measure
         "_enrollment": frozenset({"measure"}),
         "_baseline_labs": frozenset({"lab_result", "measure"}),
         "_ivig": frozenset({"temperature", "measure"}),
@@ -297,10 +297,67 @@ class Deriver:
             (event.analyte or "").lower() in ("body_weight", "body_height"))
         return "measure" if is_measure else "temperature"
 
+    # Derivations that read temperatures only in some intervals of event time (given the other inputs, which
+    # re-run them anyway when they change): a changed temperature outside every interval cannot change their
+    # facts. Each returns closed intervals [lo, hi] (None: unbounded) that cover every reading it can read.
+    TEMPERATURE_WINDOWS: dict[str, str] = {
+        "_ivig": "_tw_ivig", "_medications": "_tw_medications", "_anakinra_doses": "_tw_anakinra_doses",
+        "_ladder": "_tw_ladder", "_assessments": "_tw_assessments", "_endpoints": "_tw_endpoints",
+        "_lab_signals": "_tw_lab_signals",
+    }
+
+    def _tw_ivig(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        return [] if v.t0 is None else [(None, v.t0)]  # the febrile readings in [E1 + 46 h, T0]
+
+    def _tw_medications(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        return [] if v.t0 is None else [(v.t0, v.hx(self.p.endpoint_window_hours))]  # _verdict_time
+
+    def _tw_anakinra_doses(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.arm != "anakinra" or v.t0 is None:
+            return []
+        last = v.ev["drug_administration"][-1].occurred_at  # every dose is a drug administration
+        hi = self.p.assessment_window_hours[1]
+        steps = [v.hx(s.hours + hi) for s in self.p.ladder_steps]
+        return [(None, max([last, *steps]))]  # fever status: the step assessments, else [dose - lookback, dose]
+
+    def _tw_ladder(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.arm != "anakinra" or v.t0 is None:
+            return []
+        lo, hi = self.p.assessment_window_hours
+        return [(v.hx(s.hours + lo), v.hx(s.hours + hi)) for s in self.p.ladder_steps]
+
+    def _tw_assessments(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.t0 is None:
+            return []
+        hi = max(self.p.assessment_window_hours[1], 6)
+        return [(None, v.hx(max([self.p.endpoint_window_hours, *(s.hours + hi for s in self.p.ladder_steps)])))]
+
+    def _tw_endpoints(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.t0 is None:
+            return []
+        last = max(v.t0, v.ev["drug_administration"][-1].occurred_at)  # the anchors: T0 and a dose (LASTESC)
+        return [(None, last + self.p.endpoint_window_hours * H)]
+
+    def _tw_lab_signals(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.t0 is None:
+            return []
+        fw = self.p.safety.mas_fever_window_hours * H  # the MAS pattern's fever around each post-T0 ferritin
+        return [(e.occurred_at - fw, e.occurred_at + fw) for e in v.ev.get("lab_result", [])
+                if e.occurred_at >= v.t0 and v.analyte_of(e) == "ferritin"]
+
+    def _temperatures_matter(self, name: str, v: SubjectView, changed_at: Iterable[dt.datetime]) -> bool:
+        method = self.TEMPERATURE_WINDOWS.get(name)
+        if method is None:
+            return True
+        windows = getattr(self, method)(v)
+        return any((lo is None or lo <= t) and (hi is None or t <= hi) for t in changed_at for lo, hi in windows)
+
     def derive(self, v: SubjectView, cutoff: dt.datetime | None, *, memo: dict[str, Any] | None = None,
-               changed: set[str] | None = None) -> Derived:
+               changed: set[str] | None = None, changed_at: Iterable[dt.datetime] | None = None) -> Derived:
         """All derived facts of a subject. With `memo` (the subject's cache) and `changed` (input kinds changed since
-        the last call), derivations whose inputs did not change and whose deadlines did not fall are reused."""
+        the last call), derivations whose inputs did not change and whose deadlines did not fall are reused.
+        `changed_at`: the event times of the changed temperatures (old and new versions); a derivation that reads
+        temperatures only in some intervals is also reused when none of them falls in those intervals."""
         facts: list[Fact] = []
         pending_all: list[dt.datetime] = []
         for name in self.INPUTS:
@@ -308,7 +365,11 @@ class Deriver:
             if cached is not None and changed is not None:
                 inputs = self.INPUTS[name] | self.ALWAYS
                 due = cached[1] is not None and cutoff is not None and cached[1] <= cutoff
-                if not (inputs & changed) and not due:
+                hit = inputs & changed
+                if hit == {"temperature"} and not due and changed_at is not None and not self._temperatures_matter(
+                        name, v, changed_at):
+                    hit = set()
+                if not hit and not due:
                     facts.extend(cached[0])
                     if cached[1] is not None:
                         pending_all.append(cached[1])

@@ -146,9 +146,15 @@ class Monitor:
         outcome = state.apply(event, canonical(payload), origin)
         self.stats.events[outcome.value] += 1
         if outcome in (Applied.NEW, Applied.AMENDED):
-            state.changed.add(self.deriver.kind_of(event))
+            kind = self.deriver.kind_of(event)
+            state.changed.add(kind)
+            if kind == "temperature":
+                state.changed_at.append(event.occurred_at)
             if previous is not None:
-                state.changed.add(self.deriver.kind_of(previous.event))
+                kind = self.deriver.kind_of(previous.event)
+                state.changed.add(kind)
+                if kind == "temperature":
+                    state.changed_at.append(previous.event.occurred_at)
             if (state.arm, state.site_id) != anchors:
                 # every derivation reads the arm, and the site selects the time zone: any event can carry them,
                 # so a change invalidates the whole memo, whatever the event's kind
@@ -314,8 +320,10 @@ class Monitor:
         """Derive the subject's facts and make the engine hold them; (derived, facts by id)."""
         state = self.subjects[subject_id]
         view = self.deriver.view(state)
-        derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed)
+        derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed,
+                                      changed_at=state.changed_at)
         state.changed = set()
+        state.changed_at = []
         facts = {f.fact_id: f for f in derived.facts}
         try:
             self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items()

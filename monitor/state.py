@@ -59,6 +59,7 @@ class Checkpoint:
     seq: int
     by_type: dict[str, list[Any]] | None
     changed: frozenset[str]
+    changed_at: tuple[Any, ...]
 
 
 @dataclass
@@ -72,6 +73,7 @@ class SubjectState:
     _seq: int = 0
     memo: dict[str, Any] = field(default_factory=dict)  # the deriver's cache for this subject
     changed: set[str] = field(default_factory=set)  # input kinds changed since the last evaluation
+    changed_at: list[Any] = field(default_factory=list)  # occurred_at of the temperatures changed since then
     _by_type: dict[str, list[Any]] | None = None
     _undo: list[tuple[str, Stored | None]] | None = None  # open checkpoint's undo log
 
@@ -108,7 +110,8 @@ class SubjectState:
         """Open an undo log before a batch, so a batch whose evaluation fails can be undone exactly. Close it with
         `commit` (kept) or `restore` (undone)."""
         self._undo = []
-        return Checkpoint(self._undo, self.site_id, self.arm, self._seq, self._by_type, frozenset(self.changed))
+        return Checkpoint(self._undo, self.site_id, self.arm, self._seq, self._by_type, frozenset(self.changed),
+                          tuple(self.changed_at))
 
     def commit(self) -> None:
         """The batch is kept: close the undo log."""
@@ -128,6 +131,7 @@ class SubjectState:
         self._seq = checkpoint.seq
         self._by_type = checkpoint.by_type
         self.changed = set(checkpoint.changed)
+        self.changed_at = list(checkpoint.changed_at)
         self.memo = {}
 
     def origins(self, event_ids: list[str]) -> dict[str, Any]:

@@ -131,3 +131,42 @@ def test_an_arm_that_arrives_after_the_last_dose_gives_the_same_alerts_live_and_
     assert live(late) == live(events)
     assert sorted(x for x in after_restart if dt.datetime.fromisoformat(x[2]) <= horizon) == sorted(
         x for x in live(events) if dt.datetime.fromisoformat(x[2]) <= horizon)
+
+
+@st.composite
+def temperature_stream(draw) -> list[dict[str, Any]]:
+    """A small generated cohort whose temperatures are late, amended (in value and in time) and delivered out of
+    order: each kind of change the deriver's temperature windows must see."""
+    from monitor.generate import generate
+
+    out = list(generate(subjects=draw(st.integers(1, 3)), days=draw(st.integers(3, 20)), seed=draw(st.integers(0, 99)),
+                        sites=2, deviation_rate=draw(st.sampled_from([0.0, 0.5, 1.0]))))
+    temps = [i for i, e in enumerate(out) if e["type"] == "vital_sign" and e.get("temperature_c") is not None]
+    if not temps:
+        return out
+    last = out[-1]["recorded_at"]
+    for _ in range(draw(st.integers(0, 6))):
+        e = json.loads(json.dumps(out[draw(st.sampled_from(temps))]))
+        e["recorded_at"] = last
+        change = draw(st.sampled_from(["value", "time", "late"]))
+        if change == "value":  # amended to the other side of 38.0
+            e["temperature_c"] = 36.8 if e["temperature_c"] >= 38.0 else 39.1
+        elif change == "time":  # the event time corrected by some hours
+            at = dt.datetime.fromisoformat(e["occurred_at"]) + dt.timedelta(hours=draw(st.integers(-30, 30)))
+            e["occurred_at"] = at.isoformat()
+        else:  # a new reading typed in late, somewhere in the history
+            e["event_id"] += "-late"
+            at = dt.datetime.fromisoformat(e["occurred_at"]) + dt.timedelta(minutes=draw(st.integers(-600, 600)))
+            e["occurred_at"] = at.isoformat()
+            e["temperature_c"] = draw(st.sampled_from([36.5, 38.4, 39.5]))
+        out.append(e)
+    return out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(stream=temperature_stream())
+def test_temperature_windows_and_incremental_state_equal_a_from_scratch_derivation(rules, stream):
+    """Derivations reused because a changed temperature lies outside the intervals they read (Deriver.
+    TEMPERATURE_WINDOWS), and any incremental state kept in the memo, against the from-scratch derivation."""
+    run_checked(stream, rules, None)
