@@ -146,15 +146,13 @@ class Monitor:
         outcome = state.apply(event, canonical(payload), origin)
         self.stats.events[outcome.value] += 1
         if outcome in (Applied.NEW, Applied.AMENDED):
-            kind = self.deriver.kind_of(event)
-            state.changed.add(kind)
-            if kind == "temperature":
-                state.changed_at.append(event.occurred_at)
+            state.changed.add(self.deriver.kind_of(event))
             if previous is not None:
-                kind = self.deriver.kind_of(previous.event)
-                state.changed.add(kind)
-                if kind == "temperature":
-                    state.changed_at.append(previous.event.occurred_at)
+                state.changed.add(self.deriver.kind_of(previous.event))
+                if previous.event.type == "vital_sign":
+                    state.changed_vitals.append((previous.event, False))
+            if event.type == "vital_sign":
+                state.changed_vitals.append((event, True))
             if (state.arm, state.site_id) != anchors:
                 # every derivation reads the arm, and the site selects the time zone: any event can carry them,
                 # so a change invalidates the whole memo, whatever the event's kind
@@ -320,10 +318,9 @@ class Monitor:
         """Derive the subject's facts and make the engine hold them; (derived, facts by id)."""
         state = self.subjects[subject_id]
         view = self.deriver.view(state)
-        derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed,
-                                      changed_at=state.changed_at)
+        derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed)
         state.changed = set()
-        state.changed_at = []
+        state.changed_vitals = []
         facts = {f.fact_id: f for f in derived.facts}
         try:
             self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items()

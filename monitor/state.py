@@ -59,7 +59,7 @@ class Checkpoint:
     seq: int
     by_type: dict[str, list[Any]] | None
     changed: frozenset[str]
-    changed_at: tuple[Any, ...]
+    changed_vitals: tuple[tuple[Any, bool], ...]
 
 
 @dataclass
@@ -73,7 +73,8 @@ class SubjectState:
     _seq: int = 0
     memo: dict[str, Any] = field(default_factory=dict)  # the deriver's cache for this subject
     changed: set[str] = field(default_factory=set)  # input kinds changed since the last evaluation
-    changed_at: list[Any] = field(default_factory=list)  # occurred_at of the temperatures changed since then
+    # vital signs changed since then, in order: (version, True) added, (version, False) replaced or removed
+    changed_vitals: list[tuple[Any, bool]] = field(default_factory=list)
     _by_type: dict[str, list[Any]] | None = None
     _undo: list[tuple[str, Stored | None]] | None = None  # open checkpoint's undo log
 
@@ -111,7 +112,7 @@ class SubjectState:
         `commit` (kept) or `restore` (undone)."""
         self._undo = []
         return Checkpoint(self._undo, self.site_id, self.arm, self._seq, self._by_type, frozenset(self.changed),
-                          tuple(self.changed_at))
+                          tuple(self.changed_vitals))
 
     def commit(self) -> None:
         """The batch is kept: close the undo log."""
@@ -131,7 +132,7 @@ class SubjectState:
         self._seq = checkpoint.seq
         self._by_type = checkpoint.by_type
         self.changed = set(checkpoint.changed)
-        self.changed_at = list(checkpoint.changed_at)
+        self.changed_vitals = list(checkpoint.changed_vitals)
         self.memo = {}
 
     def origins(self, event_ids: list[str]) -> dict[str, Any]:

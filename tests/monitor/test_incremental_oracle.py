@@ -22,7 +22,7 @@ from tests.conftest import SCENARIOS, final_alerts, load_scenario
 def _facts(monitor: Monitor, subject_id: str, *, scratch: bool) -> list[tuple[str, str]]:
     state = monitor.subjects[subject_id]
     if scratch:
-        derived = monitor.deriver.derive(monitor.deriver.view(state), monitor.cutoff())
+        derived = monitor.deriver.derive(monitor.deriver.view(state, scratch=True), monitor.cutoff())
         facts = derived.facts
     else:
         facts = [f for name in monitor.deriver.INPUTS for f in state.memo[name][0]]
@@ -170,3 +170,36 @@ def test_temperature_windows_and_incremental_state_equal_a_from_scratch_derivati
     """Derivations reused because a changed temperature lies outside the intervals they read (Deriver.
     TEMPERATURE_WINDOWS), and any incremental state kept in the memo, against the from-scratch derivation."""
     run_checked(stream, rules, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 4), st.sampled_from([36.0, 38.5, 60.0])),
+                    max_size=40))
+def test_temperature_index_equals_a_sorted_build(ops):
+    """TemperatureIndex updated version by version (add, replace, remove; equal times; invalid values) holds what
+    sorting the current versions gives."""
+    from types import SimpleNamespace
+
+    from monitor.derive import TemperatureIndex
+    from monitor.normalise import Temperature
+
+    base = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    index, held = TemperatureIndex(), {}
+    for add, n, hours, celsius in ops:
+        eid = f"e{n}"
+        if eid in held:
+            index.remove(held.pop(eid)[0])
+        if add:
+            e = SimpleNamespace(event_id=eid, occurred_at=base + dt.timedelta(hours=hours))
+            t = Temperature(celsius=celsius, corrected_c=celsius, site="axillary",
+                            problem=None if celsius < 45 else "implausible")
+            index.add(e, t)
+            held[eid] = (e, t)
+    expected = sorted(held.values(), key=lambda x: (x[0].occurred_at, x[0].event_id))
+    assert index.temperatures == expected
+    assert index.keys == [(e.occurred_at, e.event_id) for e, _ in expected]
+    valid = [(e, t) for e, t in expected if t.valid]
+    assert [(r.event_id, r.at, r.corrected_c) for r in index.readings] == [
+        (e.event_id, e.occurred_at, t.corrected_c) for e, t in valid]
+    assert index.times == [e.occurred_at for e, _ in valid]
+    assert index.rkeys == [(e.occurred_at, e.event_id) for e, _ in valid]
