@@ -318,6 +318,7 @@ class TemperatureIndex:
 class Derived:
     facts: list[Fact]
     next_deadline: dt.datetime | None
+    parts: dict[str, list[Fact]] | None = None  # each derivation's facts (a reused derivation: the same list)
 
 
 class Deriver:
@@ -329,6 +330,7 @@ class Deriver:
         self._drug_classes: dict[tuple[str, str | None], dict[str, Any]] = {}
         self._analytes = analyte_lookup(params)
         self._match_cache: dict[tuple[Any, ...], bool] = {}
+        self._inputs = {name: kinds | self.ALWAYS for name, kinds in self.INPUTS.items()}
 
     def view(self, state: Any, *, scratch: bool = False) -> SubjectView:
         """A fresh view of one subject's current events for one evaluation. `scratch`: one that uses nothing kept
@@ -436,6 +438,7 @@ class Deriver:
         With the view's `changes` (the vital signs changed, old and new versions) known, a derivation that reads
         temperatures only in some intervals is also reused when no changed one falls in those intervals."""
         facts: list[Fact] = []
+        parts: dict[str, list[Fact]] = {}
         pending_all: list[dt.datetime] = []
         changes = list(v.changes) if v.changes is not None else None
         if v.changes:
@@ -443,7 +446,7 @@ class Deriver:
         for name in self.INPUTS:
             cached = memo.get(name) if memo is not None else None
             if cached is not None and changed is not None:
-                inputs = self.INPUTS[name] | self.ALWAYS
+                inputs = self._inputs[name]
                 due = cached[1] is not None and cutoff is not None and cached[1] <= cutoff
                 hit = inputs & changed
                 if hit == {"temperature"} and not due and changes is not None and not self._temperatures_matter(
@@ -451,6 +454,7 @@ class Deriver:
                     hit = set()
                 if not hit and not due:
                     facts.extend(cached[0])
+                    parts[name] = cached[0]
                     if cached[1] is not None:
                         pending_all.append(cached[1])
                     continue
@@ -470,9 +474,10 @@ class Deriver:
             if memo is not None:
                 memo[name] = (produced, first)
             facts.extend(produced)
+            parts[name] = produced
             if first is not None:
                 pending_all.append(first)
-        return Derived(facts, min(pending_all) if pending_all else None)
+        return Derived(facts, min(pending_all) if pending_all else None, parts)
 
     # ---- data quality ---------------------------------------------------------------------------------------
     def _baseline_weight(self, v: SubjectView) -> tuple[float | None, str]:

@@ -255,16 +255,22 @@ class RulesEngine:
             self.action_errors += 1
             log.exception("rule action %s failed", rule)
 
-    def sync(self, subject_id: str, facts: dict[str, dict[str, Any]]) -> None:
+    def sync(self, subject_id: str, facts: dict[str, dict[str, Any]], *, changed: set[str] | None = None) -> None:
+        """`changed`: the only fact ids that may differ from the previous `sync` of this subject (None: any). A
+        subject whose session was emptied since (evicted, released) is synced in full whatever `changed` says."""
         name, sid = self.session_of(subject_id)
-        held = self._asserted.setdefault(subject_id, {})
+        held = self._asserted.get(subject_id)
+        if held is None:
+            held = self._asserted[subject_id] = {}
+            changed = None
         matches = self._matches.setdefault(subject_id, {})
-        gone = [fid for fid, old in held.items() if facts.get(fid) is not old and facts.get(fid) != old]
+        ids = held if changed is None else [fid for fid in changed if fid in held]
+        gone = [fid for fid in ids if facts.get(fid) is not held[fid] and facts.get(fid) != held[fid]]
         for fid in sorted(gone):
             if matches.pop(fid, None) is not None:
                 self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
             del held[fid]
-        for fid in sorted(f for f in facts if f not in held):
+        for fid in sorted(f for f in (facts if changed is None else changed) if f not in held and f in facts):
             message = dict(facts[fid], sid=sid, id=fid)
             self._fired.clear()
             handled = self._call(self._host.assert_fact, name, message)

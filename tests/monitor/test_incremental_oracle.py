@@ -29,6 +29,19 @@ def _facts(monitor: Monitor, subject_id: str, *, scratch: bool) -> list[tuple[st
     return sorted((f.fact_id, json.dumps(f.values, sort_keys=True, default=str)) for f in facts)
 
 
+def _check_synced(monitor: Monitor, subject_id: str) -> None:
+    """The facts by id and the engine messages kept up to date from the derivations that re-ran (Monitor._facts_of,
+    RulesEngine.sync with `changed`) equal those built from the whole fact list, and the engine holds them."""
+    state = monitor.subjects[subject_id]
+    everything = [f for name in monitor.deriver.INPUTS for f in state.memo[name][0]]
+    expected = {f.fact_id: f for f in everything}
+    _, facts, messages, _ = state.memo["_synced"]
+    assert facts == expected
+    read = monitor.rules.facts_read()
+    assert messages == {fid: f.message() for fid, f in expected.items() if f.name in read}
+    assert monitor.engine._asserted[subject_id] == messages
+
+
 def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     out: list[list[dict[str, Any]]] = []
     for e in events:
@@ -48,8 +61,11 @@ def run_checked(events: list[dict[str, Any]], rules, until: dt.datetime | None) 
         monitor.ingest([(parse_event(e), e) for e in batch])
         assert monitor.take_failures() == []
         for subject_id in {e["subject_id"] for e in batch}:
+            if subject_id not in monitor.subjects:
+                continue
             assert _facts(monitor, subject_id, scratch=False) == _facts(monitor, subject_id, scratch=True), (
                 subject_id, batch[0]["recorded_at"])
+            _check_synced(monitor, subject_id)
     monitor.finish(until)
     return monitor
 
