@@ -78,7 +78,7 @@ class SubjectView:
         self.first_reported = first_reported or {}
         self.cache: dict[str, Any] = {}  # per-evaluation values the Deriver computes once
         self.memo = memo if memo is not None else {}  # per-subject values kept across evaluations
-        # the vital signs changed since the memo was last brought up to date ((version, added) in order of
+        # the vital signs and lab results changed since the last evaluation ((version, added) in order of
         # application); None: unknown, so values kept in the memo are rebuilt from the events
         self.changes = changes
 
@@ -153,7 +153,7 @@ class SubjectView:
             self.memo["temperature_index"] = index
         else:
             for e, added in self.changes:
-                if not self.is_temperature(e):
+                if e.type != "vital_sign" or not self.is_temperature(e):
                     continue
                 if added:
                     index.add(e, self.normalised(e))
@@ -338,7 +338,7 @@ class Deriver:
         return SubjectView(subject_id=state.subject_id, site_id=state.site_id, arm=state.arm, events=state.by_type(),
                            params=self.p, tables=self.t, analytes=self._analytes,
                            first_reported=state.first_reported_view(), memo={} if scratch else state.memo,
-                           changes=None if scratch else state.changed_vitals)
+                           changes=None if scratch else state.changed_events)
 
     # What each derivation reads ("temperature" and "measure" split vital signs). Every derivation also depends on
     # enrollment and drug administrations (arm, T0). A derivation is re-run only if one of its inputs changed or
@@ -422,14 +422,43 @@ class Deriver:
                 if e.occurred_at >= v.t0 and v.analyte_of(e) == "ferritin"]
 
     def _temperatures_matter(self, name: str, v: SubjectView, changes: list[tuple[Any, bool]]) -> bool:
+        vitals = [e for e, _ in changes if e.type == "vital_sign"]
         if name == "_temperature_quality":  # its facts are those of the invalid temperatures only
-            return any(v.is_temperature(e) and not v.normalised(e).valid for e, _ in changes)
+            return any(v.is_temperature(e) and not v.normalised(e).valid for e in vitals)
         method = self.TEMPERATURE_WINDOWS.get(name)
         if method is None:
             return True
         windows = getattr(self, method)(v)
         return any((lo is None or lo <= e.occurred_at) and (hi is None or e.occurred_at <= hi)
-                   for e, _ in changes for lo, hi in windows)
+                   for e in vitals for lo, hi in windows)
+
+    # Derivations that read lab results of some analytes only (and _baseline_labs only up to the reference time):
+    # a changed lab result of another analyte, in its old and new versions, cannot change their facts.
+    LAB_ANALYTES: dict[str, frozenset[str]] = {
+        "_visits": frozenset({"CRP"}),
+        "_lab_signals": frozenset({"ANC", "ALT", "AST", "ferritin", "platelets", "triglycerides", "fibrinogen"}),
+        "_baseline_labs": frozenset({"ANC", "creatinine", "INR", "PT"}),
+    }
+
+    def _labs_matter(self, name: str, v: SubjectView, changes: list[tuple[Any, bool]]) -> bool:
+        analytes = self.LAB_ANALYTES.get(name)
+        if analytes is None:
+            return True
+        labs = [e for e, _ in changes if e.type == "lab_result"]
+        if name == "_baseline_labs":
+            ref = v.reference_time
+            if ref is None or v.enrollment is None:
+                return False  # it derives nothing
+            labs = [e for e in labs if e.occurred_at <= ref]
+        return any(v.analyte_of(e) in analytes for e in labs)
+
+    def _reusable(self, name: str, v: SubjectView, hit: set[str], changes: list[tuple[Any, bool]]) -> bool:
+        """Whether every changed input kind in `hit` is one the derivation provably does not read."""
+        if not hit <= {"temperature", "lab_result"}:
+            return False
+        if "temperature" in hit and self._temperatures_matter(name, v, changes):
+            return False
+        return not ("lab_result" in hit and self._labs_matter(name, v, changes))
 
     def derive(self, v: SubjectView, cutoff: dt.datetime | None, *, memo: dict[str, Any] | None = None,
                changed: set[str] | None = None) -> Derived:
@@ -449,8 +478,7 @@ class Deriver:
                 inputs = self._inputs[name]
                 due = cached[1] is not None and cutoff is not None and cached[1] <= cutoff
                 hit = inputs & changed
-                if hit == {"temperature"} and not due and changes is not None and not self._temperatures_matter(
-                        name, v, changes):
+                if hit and not due and changes is not None and self._reusable(name, v, hit, changes):
                     hit = set()
                 if not hit and not due:
                     facts.extend(cached[0])

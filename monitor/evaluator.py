@@ -52,6 +52,7 @@ class EvaluationFailure:
     errors: list[EventRejected]
 
 
+_TRACKED = frozenset({"vital_sign", "lab_result"})  # the types whose changed versions the deriver is told of
 _NEW_SUBJECT = None  # checkpoint of a subject that did not exist before the batch: undoing it removes the subject
 MAX_EVENTS_PER_SUBJECT = 10_000
 """Default bound on the event versions held for one subject (a real subject has a few hundred over the trial)."""
@@ -150,10 +151,10 @@ class Monitor:
             state.changed.add(self.deriver.kind_of(event))
             if previous is not None:
                 state.changed.add(self.deriver.kind_of(previous.event))
-                if previous.event.type == "vital_sign":
-                    state.changed_vitals.append((previous.event, False))
-            if event.type == "vital_sign":
-                state.changed_vitals.append((event, True))
+                if previous.event.type in _TRACKED:
+                    state.changed_events.append((previous.event, False))
+            if event.type in _TRACKED:
+                state.changed_events.append((event, True))
             if (state.arm, state.site_id) != anchors:
                 # every derivation reads the arm, and the site selects the time zone: any event can carry them,
                 # so a change invalidates the whole memo, whatever the event's kind
@@ -321,7 +322,7 @@ class Monitor:
         view = self.deriver.view(state)
         derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed)
         state.changed = set()
-        state.changed_vitals = []
+        state.changed_events = []
         facts, messages, delta = self._facts_of(state, derived)
         try:
             self.engine.sync(subject_id, messages, changed=delta)

@@ -59,7 +59,7 @@ class Checkpoint:
     seq: int
     by_type: dict[str, list[Any]] | None
     changed: frozenset[str]
-    changed_vitals: tuple[tuple[Any, bool], ...]
+    changed_events: tuple[tuple[Any, bool], ...]
 
 
 @dataclass
@@ -73,8 +73,8 @@ class SubjectState:
     _seq: int = 0
     memo: dict[str, Any] = field(default_factory=dict)  # the deriver's cache for this subject
     changed: set[str] = field(default_factory=set)  # input kinds changed since the last evaluation
-    # vital signs changed since then, in order: (version, True) added, (version, False) replaced or removed
-    changed_vitals: list[tuple[Any, bool]] = field(default_factory=list)
+    # vital signs and lab results changed since then, in order: (version, True) added, (version, False) replaced
+    changed_events: list[tuple[Any, bool]] = field(default_factory=list)
     _by_type: dict[str, list[Any]] | None = None
     _undo: list[tuple[str, Stored | None]] | None = None  # open checkpoint's undo log
 
@@ -112,7 +112,7 @@ class SubjectState:
         `commit` (kept) or `restore` (undone)."""
         self._undo = []
         return Checkpoint(self._undo, self.site_id, self.arm, self._seq, self._by_type, frozenset(self.changed),
-                          tuple(self.changed_vitals))
+                          tuple(self.changed_events))
 
     def commit(self) -> None:
         """The batch is kept: close the undo log."""
@@ -132,7 +132,7 @@ class SubjectState:
         self._seq = checkpoint.seq
         self._by_type = checkpoint.by_type
         self.changed = set(checkpoint.changed)
-        self.changed_vitals = list(checkpoint.changed_vitals)
+        self.changed_events = list(checkpoint.changed_events)
         self.memo = {}
 
     def origins(self, event_ids: list[str]) -> dict[str, Any]:

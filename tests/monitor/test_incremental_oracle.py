@@ -158,9 +158,23 @@ def temperature_stream(draw) -> list[dict[str, Any]]:
     out = list(generate(subjects=draw(st.integers(1, 3)), days=draw(st.integers(3, 20)), seed=draw(st.integers(0, 99)),
                         sites=2, deviation_rate=draw(st.sampled_from([0.0, 0.5, 1.0]))))
     temps = [i for i, e in enumerate(out) if e["type"] == "vital_sign" and e.get("temperature_c") is not None]
+    labs = [i for i, e in enumerate(out) if e["type"] == "lab_result"]
     if not temps:
         return out
     last = out[-1]["recorded_at"]
+    for _ in range(draw(st.integers(0, 4)) if labs else 0):  # lab results amended in value, time or analyte
+        e = json.loads(json.dumps(out[draw(st.sampled_from(labs))]))
+        e["recorded_at"] = last
+        change = draw(st.sampled_from(["value", "time", "analyte"]))
+        if change == "value" and isinstance(e.get("value"), (int, float)):
+            e["value"] = round(e["value"] * draw(st.sampled_from([0.2, 3.0, 10.0])), 3)
+        elif change == "time":
+            at = dt.datetime.fromisoformat(e["occurred_at"]) + dt.timedelta(hours=draw(st.integers(-72, 72)))
+            e["occurred_at"] = at.isoformat()
+        else:
+            e["analyte"], e["loinc"] = draw(st.sampled_from([("CRP", "1988-5"), ("ANC", "751-8"), ("ALT", "1742-6"),
+                                                            ("ferritin", "2276-4"), ("INR", "6301-6")]))
+        out.append(e)
     for _ in range(draw(st.integers(0, 6))):
         e = json.loads(json.dumps(out[draw(st.sampled_from(temps))]))
         e["recorded_at"] = last
