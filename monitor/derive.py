@@ -316,9 +316,12 @@ class TemperatureIndex:
 
 @dataclass
 class Derived:
-    facts: list[Fact]
+    parts: dict[str, list[Fact]]  # each derivation's facts, in INPUTS order (a reused derivation: the same list)
     next_deadline: dt.datetime | None
-    parts: dict[str, list[Fact]] | None = None  # each derivation's facts (a reused derivation: the same list)
+
+    @property
+    def facts(self) -> list[Fact]:
+        return [f for part in self.parts.values() for f in part]
 
 
 class Deriver:
@@ -331,6 +334,7 @@ class Deriver:
         self._analytes = analyte_lookup(params)
         self._match_cache: dict[tuple[Any, ...], bool] = {}
         self._inputs = {name: kinds | self.ALWAYS for name, kinds in self.INPUTS.items()}
+        self._temperature_filtered = frozenset({"_temperature_quality", *self.TEMPERATURE_WINDOWS})
 
     def view(self, state: Any, *, scratch: bool = False) -> SubjectView:
         """A fresh view of one subject's current events for one evaluation. `scratch`: one that uses nothing kept
@@ -421,8 +425,7 @@ class Deriver:
         return [(e.occurred_at - fw, e.occurred_at + fw) for e in v.ev.get("lab_result", [])
                 if e.occurred_at >= v.t0 and v.analyte_of(e) == "ferritin"]
 
-    def _temperatures_matter(self, name: str, v: SubjectView, changes: list[tuple[Any, bool]]) -> bool:
-        vitals = [e for e, _ in changes if e.type == "vital_sign"]
+    def _temperatures_matter(self, name: str, v: SubjectView, vitals: list[Any]) -> bool:
         if name == "_temperature_quality":  # its facts are those of the invalid temperatures only
             return any(v.is_temperature(e) and not v.normalised(e).valid for e in vitals)
         method = self.TEMPERATURE_WINDOWS.get(name)
@@ -440,11 +443,10 @@ class Deriver:
         "_baseline_labs": frozenset({"ANC", "creatinine", "INR", "PT"}),
     }
 
-    def _labs_matter(self, name: str, v: SubjectView, changes: list[tuple[Any, bool]]) -> bool:
+    def _labs_matter(self, name: str, v: SubjectView, labs: list[Any]) -> bool:
         analytes = self.LAB_ANALYTES.get(name)
         if analytes is None:
             return True
-        labs = [e for e, _ in changes if e.type == "lab_result"]
         if name == "_baseline_labs":
             ref = v.reference_time
             if ref is None or v.enrollment is None:
@@ -452,13 +454,17 @@ class Deriver:
             labs = [e for e in labs if e.occurred_at <= ref]
         return any(v.analyte_of(e) in analytes for e in labs)
 
-    def _reusable(self, name: str, v: SubjectView, hit: set[str], changes: list[tuple[Any, bool]]) -> bool:
-        """Whether every changed input kind in `hit` is one the derivation provably does not read."""
-        if not hit <= {"temperature", "lab_result"}:
+    _FILTERED = frozenset({"temperature", "lab_result"})
+
+    def _reusable(self, name: str, v: SubjectView, hit: set[str], vitals: list[Any], labs: list[Any]) -> bool:
+        """Whether every changed input kind in `hit` is one the derivation provably does not read. `vitals` and
+        `labs`: the changed versions (old and new) of vital signs and lab results."""
+        if not hit <= self._FILTERED:
             return False
-        if "temperature" in hit and self._temperatures_matter(name, v, changes):
+        if "temperature" in hit and (name not in self._temperature_filtered
+                                     or self._temperatures_matter(name, v, vitals)):
             return False
-        return not ("lab_result" in hit and self._labs_matter(name, v, changes))
+        return not ("lab_result" in hit and (name not in self.LAB_ANALYTES or self._labs_matter(name, v, labs)))
 
     def derive(self, v: SubjectView, cutoff: dt.datetime | None, *, memo: dict[str, Any] | None = None,
                changed: set[str] | None = None) -> Derived:
@@ -466,10 +472,11 @@ class Deriver:
         the last call), derivations whose inputs did not change and whose deadlines did not fall are reused.
         With the view's `changes` (the vital signs changed, old and new versions) known, a derivation that reads
         temperatures only in some intervals is also reused when no changed one falls in those intervals."""
-        facts: list[Fact] = []
         parts: dict[str, list[Fact]] = {}
         pending_all: list[dt.datetime] = []
         changes = list(v.changes) if v.changes is not None else None
+        vitals = [e for e, _ in changes if e.type == "vital_sign"] if changes else []
+        labs = [e for e, _ in changes if e.type == "lab_result"] if changes else []
         if v.changes:
             v._temperature_index  # brought up to date now, whichever derivations run
         for name in self.INPUTS:
@@ -478,10 +485,9 @@ class Deriver:
                 inputs = self._inputs[name]
                 due = cached[1] is not None and cutoff is not None and cached[1] <= cutoff
                 hit = inputs & changed
-                if hit and not due and changes is not None and self._reusable(name, v, hit, changes):
+                if hit and not due and changes is not None and self._reusable(name, v, hit, vitals, labs):
                     hit = set()
                 if not hit and not due:
-                    facts.extend(cached[0])
                     parts[name] = cached[0]
                     if cached[1] is not None:
                         pending_all.append(cached[1])
@@ -501,11 +507,10 @@ class Deriver:
             first = min(pending) if pending else None
             if memo is not None:
                 memo[name] = (produced, first)
-            facts.extend(produced)
             parts[name] = produced
             if first is not None:
                 pending_all.append(first)
-        return Derived(facts, min(pending_all) if pending_all else None, parts)
+        return Derived(parts, min(pending_all) if pending_all else None)
 
     # ---- data quality ---------------------------------------------------------------------------------------
     def _baseline_weight(self, v: SubjectView) -> tuple[float | None, str]:

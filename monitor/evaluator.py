@@ -360,9 +360,10 @@ class Monitor:
             if count == len(facts):
                 state.memo["_synced"] = (parts, facts, messages, count)
                 return facts, messages, delta
-        facts = {f.fact_id: f for f in derived.facts}
+        everything = derived.facts
+        facts = {f.fact_id: f for f in everything}
         messages = {fid: f.message() for fid, f in facts.items() if f.name in self._facts_read}
-        state.memo["_synced"] = (parts, facts, messages, len(derived.facts))
+        state.memo["_synced"] = (parts, facts, messages, len(everything))
         return facts, messages, None
 
     def evaluate_subject(self, subject_id: str,
