@@ -156,6 +156,12 @@ class _Host(_dr.Host):
         return run
 
 
+class Messages(dict[str, dict[str, Any]]):
+    """A subject's fact messages by id, with the ids changed since its previous `sync` (None: unknown)."""
+
+    changed: set[str] | None = None
+
+
 class RulesEngine:
     """Holds one compiled rules version and one engine session per subject.
 
@@ -255,9 +261,11 @@ class RulesEngine:
             self.action_errors += 1
             log.exception("rule action %s failed", rule)
 
-    def sync(self, subject_id: str, facts: dict[str, dict[str, Any]], *, changed: set[str] | None = None) -> None:
-        """`changed`: the only fact ids that may differ from the previous `sync` of this subject (None: any). A
-        subject whose session was emptied since (evicted, released) is synced in full whatever `changed` says."""
+    def sync(self, subject_id: str, facts: dict[str, dict[str, Any]]) -> None:
+        """`facts` may be a `Messages` whose `changed` names the only fact ids that can differ from the previous
+        `sync` of this subject (None: any). A subject whose session was emptied since (evicted, released) is
+        synced in full whatever `changed` says."""
+        changed: set[str] | None = getattr(facts, "changed", None)
         name, sid = self.session_of(subject_id)
         held = self._asserted.get(subject_id)
         if held is None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from monitor.alerts import Alert, AlertBook
 from monitor.clock import Clock, DeadlineScheduler
 from monitor.derive import Deriver
-from monitor.engine import RulesEngine
+from monitor.engine import Messages, RulesEngine
 from monitor.errors import EngineError, EvaluationError, EventRejected
 from monitor.events import Event, canonical
 from monitor.facts import Fact
@@ -324,13 +324,14 @@ class Monitor:
         state.changed = set()
         state.changed_events = []
         facts, messages, delta = self._facts_of(state, derived)
+        messages.changed = delta
         try:
-            self.engine.sync(subject_id, messages, changed=delta)
+            self.engine.sync(subject_id, messages)
         except EngineError as exc:
             raise EvaluationError("rules engine", exc) from exc
         return derived, facts
 
-    def _facts_of(self, state: SubjectState, derived: Any) -> tuple[dict[str, Fact], dict[str, Any], set[str] | None]:
+    def _facts_of(self, state: SubjectState, derived: Any) -> tuple[dict[str, Fact], Messages, set[str] | None]:
         """The subject's facts by id, the engine messages of those the rules read, and the ids that changed since
         the last evaluation (None: all of them may have). Kept in the memo and updated from the derivations that
         re-ran (a reused derivation hands back the same list), so the work is that of the facts that changed.
@@ -362,7 +363,7 @@ class Monitor:
                 return facts, messages, delta
         everything = derived.facts
         facts = {f.fact_id: f for f in everything}
-        messages = {fid: f.message() for fid, f in facts.items() if f.name in self._facts_read}
+        messages = Messages((fid, f.message()) for fid, f in facts.items() if f.name in self._facts_read)
         state.memo["_synced"] = (parts, facts, messages, len(everything))
         return facts, messages, None
 
