@@ -393,7 +393,7 @@ class Deriver:
         return [] if v.t0 is None else [(v.t0, v.hx(self.p.endpoint_window_hours))]  # _verdict_time
 
     def _tw_anakinra_doses(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
-        if v.arm != "anakinra" or v.t0 is None:
+        if v.t0 is None:  # (whatever the arm: the windows need not be tight, only cover what is read)
             return []
         last = v.ev["drug_administration"][-1].occurred_at  # every dose is a drug administration
         hi = self.p.assessment_window_hours[1]
@@ -401,7 +401,7 @@ class Deriver:
         return [(None, max([last, *steps]))]  # fever status: the step assessments, else [dose - lookback, dose]
 
     def _tw_ladder(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
-        if v.arm != "anakinra" or v.t0 is None:
+        if v.t0 is None:
             return []
         lo, hi = self.p.assessment_window_hours
         return [(v.hx(s.hours + lo), v.hx(s.hours + hi)) for s in self.p.ladder_steps]
