@@ -69,7 +69,8 @@ class SubjectView:
 
     def __init__(self, *, subject_id: str, site_id: str, arm: str | None, events: dict[str, list[Any]],
                  params: Parameters, tables: Tables, analytes: dict[str, str] | None = None,
-                 first_reported: Mapping[str, dt.datetime] | None = None, memo: dict[str, Any] | None = None) -> None:
+                 first_reported: Mapping[str, dt.datetime] | None = None, memo: dict[str, Any] | None = None,
+                 changes: list[tuple[Any, bool]] | None = None) -> None:
         self.subject_id = subject_id
         self.site_id = site_id
         self.arm = arm
@@ -80,6 +81,9 @@ class SubjectView:
         self.first_reported = first_reported or {}
         self.cache: dict[str, Any] = {}  # per-evaluation values the Deriver computes once
         self.memo = memo if memo is not None else {}  # per-subject values kept across evaluations
+        # the vital signs and lab results changed since the last evaluation ((version, added) in order of
+        # application); None: unknown, so values kept in the memo are rebuilt from the events
+        self.changes = changes
 
     # ---- anchors ------------------------------------------------------------------------------------------
     @cached_property
@@ -142,34 +146,52 @@ class SubjectView:
             (e.analyte or "").lower() in ("temperature", "body_temperature")
         )
 
-    @cached_property
-    def temperatures(self) -> list[tuple[VitalSign, nm.Temperature]]:
-        """Normalised once per event version (the memo keeps them across evaluations)."""
+    def normalised(self, e: VitalSign) -> nm.Temperature:
         tp = self.p.temperature
-        known: dict[str, tuple[Any, nm.Temperature]] = self.memo.setdefault("temperatures", {})
-        out = []
-        for e in self.ev.get("vital_sign", []):
-            if not self.is_temperature(e):
-                continue
-            hit = known.get(e.event_id)
-            if hit is None or hit[0] is not e:
-                hit = (e, nm.temperature(temperature_c=e.temperature_c, value=e.value, unit=e.unit, site=e.site,
-                                         site_offsets_c=tp.site_offsets_c, plausible_c=tp.plausible_c))
-                known[e.event_id] = hit
-            out.append((e, hit[1]))
-        return out
+        return nm.temperature(temperature_c=e.temperature_c, value=e.value, unit=e.unit, site=e.site,
+                              site_offsets_c=tp.site_offsets_c, plausible_c=tp.plausible_c)
 
     @cached_property
+    def _temperature_index(self) -> "TemperatureIndex":
+        """The subject's temperatures, normalised once per event version and kept in event-time order in the memo;
+        brought up to date from the changed vital signs (`changes`), or built from the events when the memo has
+        none (first evaluation, memo emptied) or the changes are unknown."""
+        index: TemperatureIndex | None = self.memo.get("temperature_index")
+        if index is None or self.changes is None:
+            index = TemperatureIndex()
+            for e in self.ev.get("vital_sign", []):
+                if self.is_temperature(e):
+                    index.add(e, self.normalised(e))
+            index.dirty = None
+            self.memo["temperature_index"] = index
+        else:
+            for e, added in self.changes:
+                if e.type != "vital_sign" or not self.is_temperature(e):
+                    continue
+                if added:
+                    index.add(e, self.normalised(e))
+                else:
+                    index.remove(e)
+        if self.changes:
+            self.changes.clear()  # the subject's list: applied, so no later view applies them again
+        return index
+
+    @property
+    def temperatures(self) -> list[tuple[VitalSign, nm.Temperature]]:
+        """(event, normalised) of every temperature, in event-time order (ties: event_id). Do not modify."""
+        return self._temperature_index.temperatures
+
+    @property
     def readings(self) -> list[Reading]:
-        return [Reading(e.event_id, e.occurred_at, t.corrected_c, t.celsius, t.site)  # type: ignore[arg-type]
-                for e, t in self.temperatures if t.valid]
+        """The valid temperatures, in event-time order. Do not modify."""
+        return self._temperature_index.readings
 
     def febrile(self, r: Reading) -> bool:
         return nm.is_febrile(r.corrected_c, self.p.temperature.febrile_at_or_above_c)
 
-    @cached_property
+    @property
     def _reading_times(self) -> list[dt.datetime]:
-        return [r.at for r in self.readings]
+        return self._temperature_index.times
 
     def readings_in(self, start: dt.datetime, end: dt.datetime, *, open_start: bool = False) -> list[Reading]:
         """Valid readings in [start, end] ((start, end] with open_start), by binary search on the sorted list."""
@@ -255,10 +277,64 @@ class SubjectView:
         return self.analytes.get(e.loinc or "") or self.analytes.get(e.analyte.strip().lower())
 
 
+class TemperatureIndex:
+    """A subject's temperatures in event-time order (ties: event_id), with their valid readings and the readings'
+    times for binary search, updated in place one event version at a time (test_incremental_oracle checks it
+    against a from-scratch build after every batch)."""
+
+    __slots__ = ("keys", "temperatures", "rkeys", "readings", "times", "dirty")
+
+    def __init__(self) -> None:
+        self.dirty: tuple[dt.datetime, str] | None = None  # the smallest key changed since `take_dirty`
+        self.keys: list[tuple[dt.datetime, str]] = []
+        self.temperatures: list[tuple[Any, nm.Temperature]] = []
+        self.rkeys: list[tuple[dt.datetime, str]] = []
+        self.readings: list[Reading] = []
+        self.times: list[dt.datetime] = []
+
+    def take_dirty(self) -> tuple[dt.datetime, str] | None:
+        dirty, self.dirty = self.dirty, None
+        return dirty
+
+    def _touch(self, key: tuple[dt.datetime, str]) -> None:
+        if self.dirty is None or key < self.dirty:
+            self.dirty = key
+
+    def add(self, e: Any, t: nm.Temperature) -> None:
+        key = (e.occurred_at, e.event_id)
+        self._touch(key)
+        i = bisect.bisect_right(self.keys, key)
+        self.keys.insert(i, key)
+        self.temperatures.insert(i, (e, t))
+        if t.valid:
+            j = bisect.bisect_right(self.rkeys, key)
+            self.rkeys.insert(j, key)
+            self.readings.insert(j, Reading(e.event_id, e.occurred_at, t.corrected_c, t.celsius, t.site))  # type: ignore[arg-type]
+            self.times.insert(j, e.occurred_at)
+
+    def remove(self, e: Any) -> None:
+        key = (e.occurred_at, e.event_id)
+        self._touch(key)
+        i = bisect.bisect_left(self.keys, key)
+        while i < len(self.keys) and self.keys[i] == key:
+            if self.temperatures[i][0] is e:
+                valid = self.temperatures[i][1].valid
+                del self.keys[i], self.temperatures[i]
+                if valid:
+                    j = bisect.bisect_left(self.rkeys, key)
+                    del self.rkeys[j], self.readings[j], self.times[j]
+                return
+            i += 1
+
+
 @dataclass
 class Derived:
-    facts: list[Fact]
+    parts: dict[str, list[Fact]]  # each derivation's facts, in INPUTS order (a reused derivation: the same list)
     next_deadline: dt.datetime | None
+
+    @property
+    def facts(self) -> list[Fact]:
+        return [f for part in self.parts.values() for f in part]
 
 
 class Deriver:
@@ -270,12 +346,16 @@ class Deriver:
         self._drug_classes: dict[tuple[str, str | None], dict[str, Any]] = {}
         self._analytes = analyte_lookup(params)
         self._match_cache: dict[tuple[Any, ...], bool] = {}
+        self._inputs = {name: kinds | self.ALWAYS for name, kinds in self.INPUTS.items()}
+        self._temperature_filtered = frozenset({"_temperature_quality", *self.TEMPERATURE_WINDOWS})
 
-    def view(self, state: Any) -> SubjectView:
-        """A fresh view of one subject's current events for one evaluation."""
+    def view(self, state: Any, *, scratch: bool = False) -> SubjectView:
+        """A fresh view of one subject's current events for one evaluation. `scratch`: one that uses nothing kept
+        in the subject's memo (the oracle the memoised derivation is tested against)."""
         return SubjectView(subject_id=state.subject_id, site_id=state.site_id, arm=state.arm, events=state.by_type(),
                            params=self.p, tables=self.t, analytes=self._analytes,
-                           first_reported=state.first_reported_view(), memo=state.memo)
+                           first_reported=state.first_reported_view(), memo={} if scratch else state.memo,
+                           changes=None if scratch else state.changed_events)
 
     # What each derivation reads ("temperature" and "measure" split vital signs). Every derivation also depends on
     # enrollment and drug administrations (arm, T0). A derivation is re-run only if one of its inputs changed or
@@ -283,7 +363,7 @@ class Deriver:
     INPUTS: dict[str, frozenset[str]] = {
         "_weight": frozenset({"measure"}),
         "_temperature_quality": frozenset({"temperature"}),
-        "_unit_quality": frozenset({"lab_result", "temperature", "measure"}),
+        "_unit_quality": frozenset({"lab_result", "measure"}),  # it skips every vital sign that is no measure
         "_enrollment": frozenset({"measure"}),
         "_baseline_labs": frozenset({"lab_result", "measure"}),
         "_ivig": frozenset({"temperature", "measure"}),
@@ -310,19 +390,117 @@ class Deriver:
             (event.analyte or "").lower() in ("body_weight", "body_height"))
         return "measure" if is_measure else "temperature"
 
+    # Derivations that read temperatures only in some intervals of event time (given the other inputs, which
+    # re-run them anyway when they change): a changed temperature outside every interval cannot change their
+    # facts. Each returns closed intervals [lo, hi] (None: unbounded) that cover every reading it can read.
+    TEMPERATURE_WINDOWS: dict[str, str] = {
+        "_ivig": "_tw_ivig", "_medications": "_tw_medications", "_anakinra_doses": "_tw_anakinra_doses",
+        "_ladder": "_tw_ladder", "_assessments": "_tw_assessments", "_endpoints": "_tw_endpoints",
+        "_lab_signals": "_tw_lab_signals",
+    }
+
+    def _tw_ivig(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        return [] if v.t0 is None else [(None, v.t0)]  # the febrile readings in [E1 + 46 h, T0]
+
+    def _tw_medications(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        return [] if v.t0 is None else [(v.t0, v.hx(self.p.endpoint_window_hours))]  # _verdict_time
+
+    def _tw_anakinra_doses(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.t0 is None:  # (whatever the arm: the windows need not be tight, only cover what is read)
+            return []
+        last = v.ev["drug_administration"][-1].occurred_at  # every dose is a drug administration
+        hi = self.p.assessment_window_hours[1]
+        steps = [v.hx(s.hours + hi) for s in self.p.ladder_steps]
+        return [(None, max([last, *steps]))]  # fever status: the step assessments, else [dose - lookback, dose]
+
+    def _tw_ladder(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.t0 is None:
+            return []
+        lo, hi = self.p.assessment_window_hours
+        return [(v.hx(s.hours + lo), v.hx(s.hours + hi)) for s in self.p.ladder_steps]
+
+    def _tw_assessments(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.t0 is None:
+            return []
+        hi = max(self.p.assessment_window_hours[1], EVIDENCE_HOURS)  # the evidence lists readings to Hx + 6 h
+        return [(None, v.hx(max([self.p.endpoint_window_hours, *(s.hours + hi for s in self.p.ladder_steps)])))]
+
+    def _tw_endpoints(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.t0 is None:
+            return []
+        last = max(v.t0, v.ev["drug_administration"][-1].occurred_at)  # the anchors: T0 and a dose (LASTESC)
+        return [(None, last + self.p.endpoint_window_hours * H)]
+
+    def _tw_lab_signals(self, v: SubjectView) -> list[tuple[dt.datetime | None, dt.datetime | None]]:
+        if v.t0 is None:
+            return []
+        fw = self.p.safety.mas_fever_window_hours * H  # the MAS pattern's fever around each post-T0 ferritin
+        return [(e.occurred_at - fw, e.occurred_at + fw) for e in v.ev.get("lab_result", [])
+                if e.occurred_at >= v.t0 and v.analyte_of(e) == "ferritin"]
+
+    def _temperatures_matter(self, name: str, v: SubjectView, vitals: list[Any]) -> bool:
+        if name == "_temperature_quality":  # its facts are those of the invalid temperatures only
+            return any(v.is_temperature(e) and not v.normalised(e).valid for e in vitals)
+        method = self.TEMPERATURE_WINDOWS.get(name)
+        if method is None:
+            return True
+        windows = getattr(self, method)(v)
+        return any((lo is None or lo <= e.occurred_at) and (hi is None or e.occurred_at <= hi)
+                   for e in vitals for lo, hi in windows)
+
+    # Derivations that read lab results of some analytes only (and _baseline_labs only up to the reference time):
+    # a changed lab result of another analyte, in its old and new versions, cannot change their facts.
+    # (_lab_signals, which reads ANC, ALT, AST, ferritin, platelets, triglycerides and fibrinogen, is left out:
+    # test_fault_isolation plants its failing derivation there and relies on it re-running for every lab result.)
+    LAB_ANALYTES: dict[str, frozenset[str]] = {
+        "_visits": frozenset({"CRP"}),
+        "_baseline_labs": frozenset({"ANC", "creatinine", "INR", "PT"}),
+    }
+
+    def _labs_matter(self, name: str, v: SubjectView, labs: list[Any]) -> bool:
+        analytes = self.LAB_ANALYTES.get(name)
+        if analytes is None:
+            return True
+        if name == "_baseline_labs":
+            ref = v.reference_time
+            if ref is None or v.enrollment is None:
+                return False  # it derives nothing
+            labs = [e for e in labs if e.occurred_at <= ref]
+        return any(v.analyte_of(e) in analytes for e in labs)
+
+    _FILTERED = frozenset({"temperature", "lab_result"})
+
+    def _reusable(self, name: str, v: SubjectView, hit: frozenset[str] | set[str], vitals: list[Any], labs: list[Any]) -> bool:
+        """Whether every changed input kind in `hit` is one the derivation provably does not read. `vitals` and
+        `labs`: the changed versions (old and new) of vital signs and lab results."""
+        if not hit <= self._FILTERED:
+            return False
+        if "temperature" in hit and (name not in self._temperature_filtered
+                                     or self._temperatures_matter(name, v, vitals)):
+            return False
+        return not ("lab_result" in hit and (name not in self.LAB_ANALYTES or self._labs_matter(name, v, labs)))
+
     def derive(self, v: SubjectView, cutoff: dt.datetime | None, *, memo: dict[str, Any] | None = None,
                changed: set[str] | None = None) -> Derived:
         """All derived facts of a subject. With `memo` (the subject's cache) and `changed` (input kinds changed since
-        the last call), derivations whose inputs did not change and whose deadlines did not fall are reused."""
-        facts: list[Fact] = []
+        the last call), derivations whose inputs did not change and whose deadlines did not fall are reused.
+        With the view's `changes` (the vital signs changed, old and new versions) known, a derivation that reads
+        temperatures only in some intervals is also reused when no changed one falls in those intervals."""
+        parts: dict[str, list[Fact]] = {}
         pending_all: list[dt.datetime] = []
+        changes = list(v.changes) if v.changes is not None else None
+        vitals = [e for e, _ in changes if e.type == "vital_sign"] if changes else []
+        labs = [e for e, _ in changes if e.type == "lab_result"] if changes else []
+        if v.changes:
+            v._temperature_index  # brought up to date now, whichever derivations run
         for name in self.INPUTS:
             cached = memo.get(name) if memo is not None else None
             if cached is not None and changed is not None:
-                inputs = self.INPUTS[name] | self.ALWAYS
+                inputs = self._inputs[name]
                 due = cached[1] is not None and cutoff is not None and cached[1] <= cutoff
-                if not (inputs & changed) and not due:
-                    facts.extend(cached[0])
+                hit = inputs & changed
+                if not due and (not hit or (changes is not None and self._reusable(name, v, hit, vitals, labs))):
+                    parts[name] = cached[0]
                     if cached[1] is not None:
                         pending_all.append(cached[1])
                     continue
@@ -341,10 +519,10 @@ class Deriver:
             first = min(pending) if pending else None
             if memo is not None:
                 memo[name] = (produced, first)
-            facts.extend(produced)
+            parts[name] = produced
             if first is not None:
                 pending_all.append(first)
-        return Derived(facts, min(pending_all) if pending_all else None)
+        return Derived(parts, min(pending_all) if pending_all else None)
 
     # ---- data quality ---------------------------------------------------------------------------------------
     def _baseline_weight(self, v: SubjectView) -> tuple[float | None, str]:
@@ -1124,11 +1302,24 @@ class Deriver:
                         "last_readings_c": [r.corrected_c for r in late_readings][-3:]})
 
     def _fever_recurrence(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
+        """A scan of the readings in time order. Its state after the last reading is kept in the memo, so readings
+        added after it are scanned from there; a change at or before it (an amended, late or removed reading)
+        scans again from the start."""
         if v.t0 is None or not v.on_anakinra:
             return
+        index = v._temperature_index
+        dirty = index.take_dirty()
+        kept = v.memo.get("fever_recurrence_scan")
+        readings = v.readings
         last_febrile: Reading | None = None
         seen_afebrile = False
-        for r in v.readings:
+        start, done = 0, []
+        if kept is not None and kept[0] is index and kept[1] == v.t0 and (dirty is None or dirty > kept[2]):
+            _, _, last_key, last_febrile, seen_afebrile, done = kept
+            start = bisect.bisect_right(index.rkeys, last_key)
+        yield from done
+        new: list[Fact] = []
+        for r in readings[start:]:
             if r.at < v.t0:
                 if v.febrile(r):
                     last_febrile, seen_afebrile = r, False
@@ -1137,8 +1328,14 @@ class Deriver:
                 seen_afebrile = True
                 continue
             if last_febrile is not None and seen_afebrile:
-                yield Fact("fever_recurrence", r.event_id,
-                           {"at": _iso(r.at), "afebrile_hours": nm.hours_between(last_febrile.at, r.at),
-                            "study_day": float(nm.study_day(v.t0, r.at, v.zone)), "corrected_c": r.corrected_c},
-                           {"events": [last_febrile.event_id, r.event_id], "previous_febrile_at": _iso(last_febrile.at)})
+                fact = Fact("fever_recurrence", r.event_id,
+                            {"at": _iso(r.at), "afebrile_hours": nm.hours_between(last_febrile.at, r.at),
+                             "study_day": float(nm.study_day(v.t0, r.at, v.zone)), "corrected_c": r.corrected_c},
+                            {"events": [last_febrile.event_id, r.event_id],
+                             "previous_febrile_at": _iso(last_febrile.at)})
+                new.append(fact)
+                yield fact
             last_febrile, seen_afebrile = r, False
+        if readings:
+            v.memo["fever_recurrence_scan"] = (index, v.t0, index.rkeys[-1], last_febrile, seen_afebrile,
+                                               [*done, *new])

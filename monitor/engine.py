@@ -156,6 +156,12 @@ class _Host(_dr.Host):
         return run
 
 
+class Messages(dict[str, dict[str, Any]]):
+    """A subject's fact messages by id, with the ids changed since its previous `sync` (None: unknown)."""
+
+    changed: set[str] | None = None
+
+
 class RulesEngine:
     """Holds one compiled rules version and one engine session per subject.
 
@@ -256,15 +262,23 @@ class RulesEngine:
             log.exception("rule action %s failed", rule)
 
     def sync(self, subject_id: str, facts: dict[str, dict[str, Any]]) -> None:
+        """`facts` may be a `Messages` whose `changed` names the only fact ids that can differ from the previous
+        `sync` of this subject (None: any). A subject whose session was emptied since (evicted, released) is
+        synced in full whatever `changed` says."""
+        changed: set[str] | None = getattr(facts, "changed", None)
         name, sid = self.session_of(subject_id)
-        held = self._asserted.setdefault(subject_id, {})
+        held = self._asserted.get(subject_id)
+        if held is None:
+            held = self._asserted[subject_id] = {}
+            changed = None
         matches = self._matches.setdefault(subject_id, {})
-        gone = [fid for fid, old in held.items() if facts.get(fid) is not old and facts.get(fid) != old]
+        ids = held if changed is None else [fid for fid in changed if fid in held]
+        gone = [fid for fid in ids if facts.get(fid) is not held[fid] and facts.get(fid) != held[fid]]
         for fid in sorted(gone):
             if matches.pop(fid, None) is not None:
                 self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
             del held[fid]
-        for fid in sorted(f for f in facts if f not in held):
+        for fid in sorted(f for f in (facts if changed is None else changed) if f not in held and f in facts):
             message = dict(facts[fid], sid=sid, id=fid)
             self._fired.clear()
             handled = self._call(self._host.assert_fact, name, message)

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from monitor.alerts import Alert, AlertBook
 from monitor.clock import Clock, DeadlineScheduler
 from monitor.derive import Deriver
-from monitor.engine import RulesEngine
+from monitor.engine import Messages, RulesEngine
 from monitor.errors import EngineError, EvaluationError, EventRejected
 from monitor.events import Event, canonical
+from monitor.facts import Fact
 from monitor.plausibility import Plausibility
 from monitor.rules import RuleSet
 from monitor.state import Applied, Checkpoint, SubjectState
@@ -51,6 +52,7 @@ class EvaluationFailure:
     errors: list[EventRejected]
 
 
+_TRACKED = frozenset({"vital_sign", "lab_result"})  # the types whose changed versions the deriver is told of
 _NEW_SUBJECT = None  # checkpoint of a subject that did not exist before the batch: undoing it removes the subject
 MAX_EVENTS_PER_SUBJECT = 10_000
 """Default bound on the event versions held for one subject (a real subject has a few hundred over the trial)."""
@@ -154,6 +156,10 @@ class Monitor:
             state.changed.add(self.deriver.kind_of(event))
             if previous is not None:
                 state.changed.add(self.deriver.kind_of(previous.event))
+                if previous.event.type in _TRACKED:
+                    state.changed_events.append((previous.event, False))
+            if event.type in _TRACKED:
+                state.changed_events.append((event, True))
             if (state.arm, state.site_id) != anchors:
                 # every derivation reads the arm, and the site selects the time zone: any event can carry them,
                 # so a change invalidates the whole memo, whatever the event's kind
@@ -321,13 +327,50 @@ class Monitor:
         view = self.deriver.view(state)
         derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed)
         state.changed = set()
-        facts = {f.fact_id: f for f in derived.facts}
+        state.changed_events = []
+        facts, messages, delta = self._facts_of(state, derived)
+        messages.changed = delta
         try:
-            self.engine.sync(subject_id, {fid: f.message() for fid, f in facts.items()
-                                          if f.name in self._facts_read})
+            self.engine.sync(subject_id, messages)
         except EngineError as exc:
             raise EvaluationError("rules engine", exc) from exc
         return derived, facts
+
+    def _facts_of(self, state: SubjectState, derived: Any) -> tuple[dict[str, Fact], Messages, set[str] | None]:
+        """The subject's facts by id, the engine messages of those the rules read, and the ids that changed since
+        the last evaluation (None: all of them may have). Kept in the memo and updated from the derivations that
+        re-ran (a reused derivation hands back the same list), so the work is that of the facts that changed.
+        Equal to `{f.fact_id: f for f in derived.facts}` (test_incremental_oracle): when two facts share an id
+        (the count differs) it is built that way."""
+        kept = state.memo.get("_synced")
+        parts: dict[str, list[Fact]] = derived.parts
+        if kept is not None:
+            old_parts, facts, messages, count = kept
+            delta: set[str] | None = set()
+            changed = [(old_parts.get(name), new) for name, new in parts.items() if old_parts.get(name) is not new]
+            for old, _ in changed:
+                for f in old or ():
+                    fid = f.fact_id
+                    delta.add(fid)  # type: ignore[union-attr]
+                    facts.pop(fid, None)
+                    messages.pop(fid, None)
+                    count -= 1
+            for _, new in changed:
+                for f in new:
+                    fid = f.fact_id
+                    delta.add(fid)  # type: ignore[union-attr]
+                    facts[fid] = f
+                    if f.name in self._facts_read:
+                        messages[fid] = f.message()
+                    count += 1
+            if count == len(facts):
+                state.memo["_synced"] = (parts, facts, messages, count)
+                return facts, messages, delta
+        everything = derived.facts
+        facts = {f.fact_id: f for f in everything}
+        messages = Messages((fid, f.message()) for fid, f in facts.items() if f.name in self._facts_read)
+        state.memo["_synced"] = (parts, facts, messages, len(everything))
+        return facts, messages, None
 
     def evaluate_subject(self, subject_id: str,
                          adopt: tuple[Collection[tuple[str, str]], list[Alert]] | None = None) -> list[Alert]:

@@ -75,6 +75,7 @@ class Checkpoint:
     seq: int
     by_type: dict[str, list[Any]] | None
     changed: frozenset[str]
+    changed_events: tuple[tuple[Any, bool], ...]
 
 
 @dataclass
@@ -88,6 +89,8 @@ class SubjectState:
     _seq: int = 0
     memo: dict[str, Any] = field(default_factory=dict)  # the deriver's cache for this subject
     changed: set[str] = field(default_factory=set)  # input kinds changed since the last evaluation
+    # vital signs and lab results changed since then, in order: (version, True) added, (version, False) replaced
+    changed_events: list[tuple[Any, bool]] = field(default_factory=list)
     _by_type: dict[str, list[Any]] | None = None
     _undo: list[tuple[str, Stored | None]] | None = None  # open checkpoint's undo log
 
@@ -125,7 +128,8 @@ class SubjectState:
         """Open an undo log before a batch, so a batch whose evaluation fails can be undone exactly. Close it with
         `commit` (kept) or `restore` (undone)."""
         self._undo = []
-        return Checkpoint(self._undo, self.site_id, self.arm, self._seq, self._by_type, frozenset(self.changed))
+        return Checkpoint(self._undo, self.site_id, self.arm, self._seq, self._by_type, frozenset(self.changed),
+                          tuple(self.changed_events))
 
     def commit(self) -> None:
         """The batch is kept: close the undo log."""
@@ -145,6 +149,7 @@ class SubjectState:
         self._seq = checkpoint.seq
         self._by_type = checkpoint.by_type
         self.changed = set(checkpoint.changed)
+        self.changed_events = list(checkpoint.changed_events)
         self.memo = {}
 
     def origins(self, event_ids: list[str]) -> dict[str, Any]:

@@ -22,11 +22,24 @@ from tests.conftest import SCENARIOS, final_alerts, load_scenario
 def _facts(monitor: Monitor, subject_id: str, *, scratch: bool) -> list[tuple[str, str]]:
     state = monitor.subjects[subject_id]
     if scratch:
-        derived = monitor.deriver.derive(monitor.deriver.view(state), monitor.cutoff())
+        derived = monitor.deriver.derive(monitor.deriver.view(state, scratch=True), monitor.cutoff())
         facts = derived.facts
     else:
         facts = [f for name in monitor.deriver.INPUTS for f in state.memo[name][0]]
     return sorted((f.fact_id, json.dumps(f.values, sort_keys=True, default=str)) for f in facts)
+
+
+def _check_synced(monitor: Monitor, subject_id: str) -> None:
+    """The facts by id and the engine messages kept up to date from the derivations that re-ran (Monitor._facts_of,
+    RulesEngine.sync with `changed`) equal those built from the whole fact list, and the engine holds them."""
+    state = monitor.subjects[subject_id]
+    everything = [f for name in monitor.deriver.INPUTS for f in state.memo[name][0]]
+    expected = {f.fact_id: f for f in everything}
+    _, facts, messages, _ = state.memo["_synced"]
+    assert facts == expected
+    read = monitor.rules.facts_read()
+    assert messages == {fid: f.message() for fid, f in expected.items() if f.name in read}
+    assert monitor.engine._asserted[subject_id] == messages
 
 
 def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -48,8 +61,11 @@ def run_checked(events: list[dict[str, Any]], rules, until: dt.datetime | None) 
         monitor.ingest([(parse_event(e), e) for e in batch])
         assert monitor.take_failures() == []
         for subject_id in {e["subject_id"] for e in batch}:
+            if subject_id not in monitor.subjects:
+                continue
             assert _facts(monitor, subject_id, scratch=False) == _facts(monitor, subject_id, scratch=True), (
                 subject_id, batch[0]["recorded_at"])
+            _check_synced(monitor, subject_id)
     monitor.finish(until)
     return monitor
 
@@ -225,3 +241,89 @@ def test_a_site_change_to_another_time_zone_gives_the_same_alerts_live_and_after
     clock.advance_to(max(clock.now(), monitor.clock.now()))
     out = restarted.evaluate_rebuilt(list(restarted.subjects), published=set(), open_alerts={})
     assert sorted((a.rule, a.subject_id, a.at) for a in final_alerts(out)) == live
+
+
+@st.composite
+def temperature_stream(draw) -> list[dict[str, Any]]:
+    """A small generated cohort whose temperatures are late, amended (in value and in time) and delivered out of
+    order: each kind of change the deriver's temperature windows must see."""
+    from monitor.generate import generate
+
+    out = list(generate(subjects=draw(st.integers(1, 3)), days=draw(st.integers(3, 20)), seed=draw(st.integers(0, 99)),
+                        sites=2, deviation_rate=draw(st.sampled_from([0.0, 0.5, 1.0]))))
+    temps = [i for i, e in enumerate(out) if e["type"] == "vital_sign" and e.get("temperature_c") is not None]
+    labs = [i for i, e in enumerate(out) if e["type"] == "lab_result"]
+    if not temps:
+        return out
+    last = out[-1]["recorded_at"]
+    for _ in range(draw(st.integers(0, 4)) if labs else 0):  # lab results amended in value, time or analyte
+        e = json.loads(json.dumps(out[draw(st.sampled_from(labs))]))
+        e["recorded_at"] = last
+        change = draw(st.sampled_from(["value", "time", "analyte"]))
+        if change == "value" and isinstance(e.get("value"), (int, float)):
+            e["value"] = round(e["value"] * draw(st.sampled_from([0.2, 3.0, 10.0])), 3)
+        elif change == "time":
+            at = dt.datetime.fromisoformat(e["occurred_at"]) + dt.timedelta(hours=draw(st.integers(-72, 72)))
+            e["occurred_at"] = at.isoformat()
+        else:
+            e["analyte"], e["loinc"] = draw(st.sampled_from([("CRP", "1988-5"), ("ANC", "751-8"), ("ALT", "1742-6"),
+                                                            ("ferritin", "2276-4"), ("INR", "6301-6")]))
+        out.append(e)
+    for _ in range(draw(st.integers(0, 6))):
+        e = json.loads(json.dumps(out[draw(st.sampled_from(temps))]))
+        e["recorded_at"] = last
+        change = draw(st.sampled_from(["value", "time", "late"]))
+        if change == "value":  # amended to the other side of 38.0
+            e["temperature_c"] = 36.8 if e["temperature_c"] >= 38.0 else 39.1
+        elif change == "time":  # the event time corrected by some hours
+            at = dt.datetime.fromisoformat(e["occurred_at"]) + dt.timedelta(hours=draw(st.integers(-30, 30)))
+            e["occurred_at"] = at.isoformat()
+        else:  # a new reading typed in late, somewhere in the history
+            e["event_id"] += "-late"
+            at = dt.datetime.fromisoformat(e["occurred_at"]) + dt.timedelta(minutes=draw(st.integers(-600, 600)))
+            e["occurred_at"] = at.isoformat()
+            e["temperature_c"] = draw(st.sampled_from([36.5, 38.4, 39.5]))
+        out.append(e)
+    return out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(stream=temperature_stream())
+def test_temperature_windows_and_incremental_state_equal_a_from_scratch_derivation(rules, stream):
+    """Derivations reused because a changed temperature lies outside the intervals they read (Deriver.
+    TEMPERATURE_WINDOWS), and any incremental state kept in the memo, against the from-scratch derivation."""
+    run_checked(stream, rules, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 4), st.sampled_from([36.0, 38.5, 60.0])),
+                    max_size=40))
+def test_temperature_index_equals_a_sorted_build(ops):
+    """TemperatureIndex updated version by version (add, replace, remove; equal times; invalid values) holds what
+    sorting the current versions gives."""
+    from types import SimpleNamespace
+
+    from monitor.derive import TemperatureIndex
+    from monitor.normalise import Temperature
+
+    base = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    index, held = TemperatureIndex(), {}
+    for add, n, hours, celsius in ops:
+        eid = f"e{n}"
+        if eid in held:
+            index.remove(held.pop(eid)[0])
+        if add:
+            e = SimpleNamespace(event_id=eid, occurred_at=base + dt.timedelta(hours=hours))
+            t = Temperature(celsius=celsius, corrected_c=celsius, site="axillary",
+                            problem=None if celsius < 45 else "implausible")
+            index.add(e, t)
+            held[eid] = (e, t)
+    expected = sorted(held.values(), key=lambda x: (x[0].occurred_at, x[0].event_id))
+    assert index.temperatures == expected
+    assert index.keys == [(e.occurred_at, e.event_id) for e, _ in expected]
+    valid = [(e, t) for e, t in expected if t.valid]
+    assert [(r.event_id, r.at, r.corrected_c) for r in index.readings] == [
+        (e.event_id, e.occurred_at, t.corrected_c) for e, t in valid]
+    assert index.times == [e.occurred_at for e, _ in valid]
+    assert index.rkeys == [(e.occurred_at, e.event_id) for e, _ in valid]
