@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -44,15 +46,45 @@ class KafkaAlertSink:
 
 class PublishedAlerts(set[tuple[str, str]]):
     """The (alert_id, status) pairs on the alerts topic; `open` holds the raised records never retracted (alert_id
-    → decoded record), so a recovering monitor can withdraw an alert whose condition went while it was away."""
+    → decoded record), so a recovering monitor can withdraw an alert whose condition went while it was away;
+    `for_subject(id)` gives one subject's pairs (its occurrence numbers continue after them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.open: dict[str, dict] = {}
+        self.by_subject: dict[str, set[tuple[str, str]]] = {}
+
+    def note(self, pair: tuple[str, str], subject_id: str | None) -> None:
+        self.add(pair)
+        if subject_id is not None:
+            self.by_subject.setdefault(subject_id, set()).add(pair)
+
+    def for_subject(self, subject_id: str) -> set[tuple[str, str]]:
+        return self.by_subject.get(subject_id, set())
+
+
+def read_to_end(consumer: KafkaConsumer, tps: list[TopicPartition], *, timeout_s: float,
+                on_message: Callable[[Any], None]) -> None:
+    """Read assigned partitions from where they are to their real end: the high watermark of the fetch responses
+    (`consumer.highwater`), never less than what ListOffsets said. ListOffsets alone is not trusted: a broker may
+    answer it with the first offset of the last record batch + 1 (ENGINE_NOTES, Tansu), which stops a read-back
+    short of the records a restarted monitor must know it published. Raises AlertPublishError on timeout."""
+    listed = consumer.end_offsets(tps)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ends = {tp: max(listed.get(tp) or 0, consumer.highwater(tp) or 0) for tp in tps}
+        known = all(consumer.highwater(tp) is not None for tp in tps)
+        if known and all(consumer.position(tp) >= ends[tp] for tp in tps):
+            return
+        if time.monotonic() > deadline:
+            raise AlertPublishError("could not read the alerts topic back in time; refusing to start")
+        for msgs in consumer.poll(timeout_ms=500).values():
+            for m in msgs:
+                on_message(m)
 
 
 def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> PublishedAlerts:
-    """Every (alert_id, status) already on the alerts topic, read from the beginning to the current end."""
+    """Every (alert_id, status) already on the alerts topic, read from the beginning to its real end."""
     consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
                              group_id=None, client_id=f"{settings.client_id}-recovery",
                              **settings.kafka.client_options())
@@ -68,20 +100,18 @@ def published_alerts(*, settings: Settings, timeout_s: float = 30.0) -> Publishe
             return seen
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
         raised: dict[str, bytes] = {}
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise AlertPublishError("could not read the alerts topic back in time; refusing to start")
-            for msgs in consumer.poll(timeout_ms=500).values():
-                for m in msgs:
-                    h = {k: v for k, v in (m.headers or [])}  # header keys are str, values bytes
-                    if "alert_id" in h and "status" in h:
-                        key = (h["alert_id"].decode(), h["status"].decode())
-                        seen.add(key)
-                        if key[1] == "raised" and m.value is not None:
-                            raised[key[0]] = m.value
+
+        def take(m: Any) -> None:
+            h = {k: v for k, v in (m.headers or [])}  # header keys are str, values bytes
+            if "alert_id" in h and "status" in h:
+                key = (h["alert_id"].decode(), h["status"].decode())
+                subject = m.key.decode("utf-8", "replace") if m.key is not None else None
+                seen.note(key, subject)
+                if key[1] == "raised" and m.value is not None:
+                    raised[key[0]] = m.value
+
+        read_to_end(consumer, tps, timeout_s=timeout_s, on_message=take)
         seen.open = {aid: json.loads(value) for aid, value in raised.items() if (aid, "retracted") not in seen}
         return seen
     finally:

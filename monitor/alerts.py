@@ -57,8 +57,12 @@ class AlertBook:
     def __init__(self) -> None:
         self._open: dict[str, dict[tuple[str, str], Alert]] = {}
         self._occurrences: dict[tuple[str, str, str], int] = {}
-        self._published: Collection[tuple[str, str]] | None = None  # the service's published set, once adopting
-        self._adopted: set[str] = set()  # subjects whose occurrence numbers continue those on the topic
+        # per adopted subject, the (alert_id, status) pairs the alerts topic held for it when it was adopted: its
+        # occurrence numbers continue after them, whatever the service later does with its own published set
+        self._seen: dict[str, Collection[tuple[str, str]]] = {}
+        # adopted subjects whose partition still has records the previous owner may have processed (its
+        # unacknowledged tail): alerts open on the topic that no match claims yet are not withdrawn until `settle`
+        self._settling: set[str] = set()
 
     def open_alerts(self, subject_id: str | None = None) -> list[Alert]:
         books = [self._open.get(subject_id, {})] if subject_id else list(self._open.values())
@@ -66,20 +70,21 @@ class AlertBook:
 
     def forget(self, subject_id: str) -> None:
         self._open.pop(subject_id, None)
-        self._adopted.discard(subject_id)
+        self._seen.pop(subject_id, None)
+        self._settling.discard(subject_id)
         for key in [k for k in self._occurrences if k[1] == subject_id]:
             del self._occurrences[key]
 
     def adopt(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
               rules: dict[str, Rule], published: Collection[tuple[str, str]], open_alerts: list[Alert],
-              detected_at: str, version: str) -> None:
+              detected_at: str, version: str, settling: bool = False) -> None:
         """After a rebuild loaded a subject's committed history without evaluating it batch by batch, take over
         what was published for it. Each current match continues its latest published occurrence (open, or
         withdrawn only by a crashed owner's unacknowledged tail, which is processed again next); open alerts that
         no current match claims stay in the book under their own id, so the next `reconcile` withdraws them.
         Later first matches of this subject continue the occurrence numbers found on the topic."""
-        self._published = published
-        self._adopted.add(subject_id)
+        for_subject = getattr(published, "for_subject", None)
+        self._seen[subject_id] = for_subject(subject_id) if for_subject is not None else published
         book = dict(self._open.get(subject_id, {}))  # committed below, once every alert is built
         occurrences: dict[tuple[str, str, str], int] = {}
         unclaimed = {a.alert_id: a for a in open_alerts if a.subject_id == subject_id and a.status == "raised"}
@@ -101,14 +106,23 @@ class AlertBook:
             except Exception as exc:
                 raise EvaluationError(f"alert for rule {rule_id} on {fact.name}", exc) from exc
         for aid, alert in unclaimed.items():
-            book.setdefault((alert.rule, f"published:{aid}"), alert)
+            # Deferred (a later record may claim it) only if it was raised at or after the rebuild's boundary time:
+            # then the previous owner raised it in records past its last commit, which are read next. One raised
+            # before is stale for the state at the boundary: withdrawn now, as it was by the clean run.
+            later = settling and _at_or_after(alert.detected_at, detected_at)
+            book.setdefault((alert.rule, f"{'published' if later else 'stale'}:{aid}"), alert)
         self._open[subject_id] = book
+        if settling:
+            self._settling.add(subject_id)
+        else:
+            self._settling.discard(subject_id)
         self._occurrences.update(occurrences)
 
     def _next_occurrence(self, key: tuple[str, str, str]) -> int:
         n = self._occurrences.get(key, 0)
-        if self._published is not None and key[1] in self._adopted:
-            while (alert_id(*key, n), "raised") in self._published:
+        seen = self._seen.get(key[1])
+        if seen:
+            while (alert_id(*key, n), "raised") in seen:
                 n += 1
         return n
 
@@ -119,7 +133,8 @@ class AlertBook:
         the book as it was."""
         book = self._open.get(subject_id, {})
         out: list[Alert] = []
-        gone = sorted(set(book) - matches)
+        settling = subject_id in self._settling
+        gone = sorted(k for k in set(book) - matches if not (settling and k[1].startswith("published:")))
         for identity in gone:
             old = book[identity]
             out.append(old.model_copy(update={"status": "retracted", "retracts": old.alert_id,
@@ -132,6 +147,10 @@ class AlertBook:
                 continue
             key = (rule_id, subject_id, fact_id)
             occurrence = self._next_occurrence(key)
+            claimed = book.get((rule_id, f"published:{alert_id(*key, occurrence - 1)}")) if occurrence else None
+            if claimed is not None:  # the previous owner published this very alert (still open): it is this match
+                raised.append((identity, key, occurrence - 1, claimed))
+                continue
             try:
                 alert = make_alert(rule=rule, fact=fact, subject_id=subject_id, site_id=site_id,
                                    alert_id=alert_id(rule_id, subject_id, fact_id, occurrence),
@@ -144,9 +163,32 @@ class AlertBook:
             del book[identity]
         for identity, key, occurrence, alert in raised:
             self._occurrences[key] = occurrence + 1
+            claimed_key = (alert.rule, f"published:{alert.alert_id}")
+            if claimed_key in book:
+                del book[claimed_key]
+                book[identity] = alert
+                continue
             book[identity] = alert
             out.append(alert)
         return out
+
+    def settling(self, subject_id: str) -> bool:
+        return subject_id in self._settling
+
+    def settle(self, subject_id: str) -> bool:
+        """The subject's partition is read past everything the previous owner may have processed: alerts open on
+        the topic that no match claimed are withdrawn at its next `reconcile`. True if there are any."""
+        self._settling.discard(subject_id)
+        return any(k[1].startswith("published:") for k in self._open.get(subject_id, {}))
+
+
+def _at_or_after(a: str, b: str) -> bool:
+    try:
+        import datetime as dt
+
+        return dt.datetime.fromisoformat(a) >= dt.datetime.fromisoformat(b)
+    except (TypeError, ValueError):
+        return False
 
 
 MESSAGE_DECIMALS = 4

@@ -12,12 +12,20 @@ on are sent again only after the alerts topic was read back (so none is publishe
 only once every alert and dead letter of their batch is acknowledged. On SIGTERM while holding, the service stops
 without committing: at restart the batch is read and its alerts derived again.
 
-Time: in `wall` mode the processing time of an event is its broker timestamp and, between events, the wall clock,
-so a missed H12 escalation is alerted within `tick_seconds` of deadline + grace. In `stream` mode it is the events'
-`recorded_at` (replaying history through Kafka). On partition assignment the subjects of those partitions are
-rebuilt by reading the partitions from the beginning: up to the group's committed offset the history is loaded
-without evaluating each batch and each subject is evaluated once, taking over what the alerts topic holds; the rest
-is processed batch by batch, as live. On revocation they are dropped.
+Time: one clock per partition (a subject lives in one partition): each subject's deadlines follow its own
+partition. In `wall` mode a partition's clock is the broker timestamp of its last record while it has a backlog
+(never ahead of the wall clock) and the wall clock once it is caught up, so a missed H12 escalation is alerted
+within `tick_seconds` of deadline + grace, and catching up after an outage raises no deadline whose satisfying
+record waits in the backlog. In `stream` mode it is the partition's `recorded_at` (replaying history through Kafka);
+a caught-up partition quiet for `idle_partition_seconds` follows the most advanced one.
+
+Rebuild: on partition assignment the subjects of those partitions are rebuilt by reading the partitions from the
+beginning: up to the group's committed offset the history is loaded without evaluating each batch and each subject
+is evaluated once, taking over what the alerts topic holds; the rest is processed batch by batch, as live, and the
+alerts the previous owner published past its commit are claimed, not published again (those no record claims are
+withdrawn once the rebuild's end is read). The rebuild's end is never below the committed offset nor the fetch's
+high watermark (a ListOffsets answer may be short), offsets are never committed backwards, and the service is ready
+once every assigned partition is rebuilt (an empty one at once). On revocation they are dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +46,7 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from connectors.base import AlertSink, RawRecord, RejectSink
 from monitor.alerts import Alert
-from monitor.clock import ReplayClock
+from monitor.clock import PartitionClocks, ReplayClock
 from monitor.config import Settings
 from monitor.errors import EventRejected, MonitorError, SinkUnavailable, SinkWaiting
 from monitor.evaluator import Monitor
@@ -88,7 +96,7 @@ class _Outbox:
 
 
 class MonitorService:
-    def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock, alerts: AlertSink,
+    def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock | None, alerts: AlertSink,
                  dead_letters: RejectSink, published: set[tuple[str, str]],
                  on_alert: Callable[[Alert], None] | None = None,
                  refresh_published: Callable[[], set[tuple[str, str]]] | None = None,
@@ -97,7 +105,16 @@ class MonitorService:
         self.metrics = metrics
         self.refresh_published = refresh_published
         self.monitor = monitor
-        self.clock = clock
+        # one processing clock per partition (issue 16): each subject's deadlines follow its own partition only
+        self.clocks = PartitionClocks()
+        monitor.clock = self.clocks
+        self._last_record_at: dict[TopicPartition, float] = {}  # monotonic time a partition last gave a record
+        self._committed: dict[TopicPartition, int] = {}  # per partition: offsets are never committed below this
+        # partitions rebuilt up to the committed offset whose next records the previous owner may have processed:
+        # at this offset their subjects' open alerts that no match claimed are withdrawn (`Monitor.settle`)
+        self._settle_at: dict[TopicPartition, int] = {}
+        self._withdrawal_cause: dict[str, str] = {}  # alert_id -> why, until the withdrawal is published
+        self._end_checked: set[TopicPartition] = set()  # rebuild boundary raised to the first fetch's high watermark
         self.alerts = alerts
         self.dead_letters = dead_letters
         self.published = published
@@ -106,6 +123,7 @@ class MonitorService:
         self.source = None  # set by attach()
         self._newly_assigned: list[TopicPartition] = []
         self._open_published: dict[str, list[Alert]] = {}  # by subject, read back while partitions rebuild
+        self._read_back: Collection[tuple[str, str]] | None = None  # the last read-back of the alerts topic
         self._gauges_at = 0.0
         self.reload_requested = threading.Event()
         self.audit_store: Any = None  # an AlertStore when configured: rules loads and switches are audited
@@ -131,6 +149,11 @@ class MonitorService:
                 self.monitor.drop_subject(subject)
             self.state.rebuild_until.pop(tp, None)
             self.state.bulk_until.pop(tp, None)
+            self._committed.pop(tp, None)
+            self._settle_at.pop(tp, None)
+            self._end_checked.discard(tp)
+            self._last_record_at.pop(tp, None)
+            self.clocks.drop(tp)
             if tp in self._newly_assigned:
                 self._newly_assigned.remove(tp)
         if tps:
@@ -145,21 +168,34 @@ class MonitorService:
         if self.refresh_published is not None:  # another instance may have published for these subjects
             fresh = self.refresh_published()
             self.published |= fresh
+            self._read_back = fresh  # by subject: a rebuilt subject's occurrence numbers continue after them
             self._open_published = {}
             for record in getattr(fresh, "open", {}).values():
                 alert = Alert.model_validate(record)
                 self._open_published.setdefault(alert.subject_id, []).append(alert)
         ends = self.source.end_offsets(tps)
+        highwater = getattr(self.source, "highwater", None)
         self._newly_assigned = [tp for tp in self._newly_assigned if tp not in tps]
+        total = 0
         for tp in tps:
-            self.state.rebuild_until[tp] = ends.get(tp, 0)
             self.state.subjects_by_partition.setdefault(tp, set())
-            boundary = self._bulk_boundary(tp, ends.get(tp, 0))
-            if boundary > 0:
-                self.state.bulk_until[tp] = boundary
+            committed = self._bulk_boundary(tp, ends.get(tp, 0))
+            self._committed[tp] = committed
+            # ListOffsets may answer below the true end (ENGINE_NOTES: Tansu) and so below the committed offset:
+            # the rebuild never stops before the committed offset, nor before the last fetch's high watermark
+            end = max(ends.get(tp) or 0, committed, (highwater(tp) if highwater is not None else None) or 0)
+            total += end
+            if end > 0:
+                self.state.rebuild_until[tp] = end
+            else:  # an empty partition has nothing to rebuild: it is rebuilt now (it must not block readiness)
+                self.state.rebuild_until.pop(tp, None)
+            if committed > 0:
+                self.state.bulk_until[tp] = committed
+            self._end_checked.discard(tp)
         self.source.seek_to_beginning(tps)
         log.info("assigned partitions %s; rebuilding their subjects from the beginning (%d records)",
-                 sorted(t.partition for t in tps), sum(ends.values()))
+                 sorted(t.partition for t in tps), total)
+        self._update_ready()
         return set(tps)
 
     def _bulk_boundary(self, tp: TopicPartition, end: int) -> int:
@@ -173,10 +209,18 @@ class MonitorService:
 
     def _finish_rebuild(self, tp: TopicPartition) -> list[tuple[Alert, int | None]]:
         """A partition's history is loaded: evaluate its subjects once, adopting what was already published."""
-        del self.state.bulk_until[tp]
+        boundary = self.state.bulk_until.pop(tp)
         started = time.monotonic()
         subjects = self.state.subjects_by_partition.get(tp, set())
-        alerts = self.monitor.evaluate_rebuilt(subjects, published=self.published, open_alerts=self._open_published)
+        # Open alerts on the topic that the state at the boundary does not claim are withdrawn now. Deferring them
+        # until the records the previous owner may have processed are read (`settling`, claimed by a later match)
+        # joined two occurrences when the boundary state and the previous owner's differed (a batch split across
+        # polls): test_faults' restart then ended with ids a clean run does not have. Kept off.
+        settling = False
+        self._settle_at[tp] = max(boundary, self.state.rebuild_until.get(tp, 0))
+        published = self._read_back if self._read_back is not None else self.published
+        alerts = self.monitor.evaluate_rebuilt(subjects, published=published, open_alerts=self._open_published,
+                                               settling=settling)
         if not self.state.bulk_until:
             self._open_published = {}
         log.info("partition %d rebuilt: %d subjects evaluated in %.2f s", tp.partition, len(subjects),
@@ -196,10 +240,15 @@ class MonitorService:
 
         def flush_batch() -> None:
             if batch:
-                produced.extend((a, batch_ts[0]) for a in self.monitor.ingest(list(batch)))
+                held = {item[0].event_id for item in batch if item[0].subject_id in self.monitor.subjects
+                        and item[0].event_id in self.monitor.subjects[item[0].subject_id].events}
+                out = self.monitor.ingest(list(batch))
+                self._note_withdrawals(out, batch=batch, held=held)
+                produced.extend((a, batch_ts[0]) for a in out)
                 self._dead_letter_failures()
                 batch.clear()
 
+        self._raise_rebuild_ends()
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
             offsets[tp] = int(rec.offset) + 1  # type: ignore[arg-type]
@@ -220,6 +269,8 @@ class MonitorService:
             if self.metrics is not None:
                 self.metrics.events_consumed.labels(event.site_id, event.type).inc()
             self.state.subjects_by_partition.setdefault(tp, set()).add(event.subject_id)
+            self.monitor.lanes[event.subject_id] = tp
+            self._last_record_at[tp] = time.monotonic()
             if tp in self.state.bulk_until:  # rebuilding: load history quietly up to the boundary
                 if rec.offset < self.state.bulk_until[tp]:  # type: ignore[operator]
                     self._advance(rec, event.recorded_at)
@@ -227,25 +278,52 @@ class MonitorService:
                                                         "offset": rec.offset}))
                     continue
                 flush_batch()
-                produced.extend(self._finish_rebuild(tp))
-            if batch and batch[0][0].recorded_at != event.recorded_at:
-                flush_batch()
+                produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
+            if batch and (batch[0][0].recorded_at != event.recorded_at or batch[0][2]["partition"] != rec.partition
+                          or batch[0][2]["topic"] != rec.topic):
+                flush_batch()  # a batch stays within one partition: its clock is the one its subjects follow
             if not batch:
                 self._advance(rec, event.recorded_at)
-                produced.extend((a, None) for a in self.monitor.tick())
+                produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
             batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
                           rec))
             batch_ts[0] = rec.timestamp_ms
         flush_batch()
         for tp in [t for t in self.state.bulk_until if offsets.get(t, 0) >= self.state.bulk_until[t]]:
-            produced.extend(self._finish_rebuild(tp))
-        if self.settings.clock == "wall":
-            self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
-        produced.extend((a, None) for a in self.monitor.tick())
+            produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
+        for tp in [t for t, end in self._settle_at.items() if offsets.get(t, 0) >= end]:
+            del self._settle_at[tp]
+            settled = self.monitor.settle(self.state.subjects_by_partition.get(tp, ()))
+            produced.extend((a, None) for a in self._note_withdrawals(settled, cause="recovery"))
+        self._advance_idle()
+        produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
         self._dead_letter_failures()
         self._outbox = _Outbox(alerts=produced, offsets=offsets)
         self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
+
+    def _note_withdrawals(self, alerts: list[Any], *, cause: str | None = None, batch: list[Any] | None = None,
+                          held: set[str] | None = None) -> list[Any]:
+        """Remember why each withdrawal happened, for the `alerts_withdrawn` metric (flapping made visible). From a
+        batch of records: `amendment` if one of the subject's records corrects a held one, `late_data` if one
+        happened before the alert's deadline + grace (it arrived after the alert), else `new_data`."""
+        for item in alerts:
+            alert = item[0] if isinstance(item, tuple) else item
+            if alert.status != "retracted":
+                continue
+            why = cause or "new_data"
+            if batch is not None:
+                mine = [entry[0] for entry in batch if entry[0].subject_id == alert.subject_id]
+                try:
+                    judged = dt.datetime.fromisoformat(alert.at) + self.monitor.grace
+                except (TypeError, ValueError):
+                    judged = None
+                if any(e.event_id in (held or set()) for e in mine):
+                    why = "amendment"
+                elif judged is not None and any(e.occurred_at <= judged for e in mine):
+                    why = "late_data"
+            self._withdrawal_cause[alert.alert_id] = why
+        return alerts
 
     def _dead_letter_failures(self) -> None:
         """Records of a subject whose evaluation failed were undone by the monitor (logged there): they go to the
@@ -261,11 +339,65 @@ class MonitorService:
                     self.metrics.events_rejected.labels(error.reason).inc()
                 self.dead_letters.add(rec, error)
 
+    def _raise_rebuild_ends(self) -> None:
+        """Once a rebuilding partition's first fetch answered, its boundary is at least that high watermark (a
+        ListOffsets answer may be short: ENGINE_NOTES)."""
+        highwater = getattr(self.source, "highwater", None)
+        if highwater is None:
+            return
+        for tp in [t for t in self.state.rebuild_until if t not in self._end_checked]:
+            hw = highwater(tp)
+            if hw is None:
+                continue
+            self._end_checked.add(tp)
+            if hw > self.state.rebuild_until[tp]:
+                self.state.rebuild_until[tp] = hw
+                if tp in self._settle_at:
+                    self._settle_at[tp] = hw
+
     def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
-        if self.settings.clock == "stream" or rec.timestamp_ms is None or rec.timestamp_ms < 0:
-            self.clock.advance_to(recorded_at)
+        """Move the record's partition clock. `stream`: the record's `recorded_at`. `wall`: its broker timestamp
+        (the partition has a backlog while records are read), never ahead of the wall clock: a producer whose
+        clock runs ahead (CreateTime) cannot fire deadlines early. A record without a timestamp counts as now."""
+        tp = TopicPartition(rec.topic, rec.partition)
+        if self.settings.clock == "stream":
+            self.clocks.advance(tp, recorded_at)
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        if rec.timestamp_ms is None or rec.timestamp_ms < 0:
+            self.clocks.advance(tp, now)
         else:
-            self.clock.advance_to(dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc))
+            self.clocks.advance(tp, min(now, dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc)))
+
+    def _caught_up(self) -> list[TopicPartition]:
+        """Assigned partitions with nothing left to read (lag 0 at the last fetch), not rebuilding."""
+        if self.source is None:
+            return []
+        lag_of = getattr(self.source, "lag", None)
+        lags = lag_of() if lag_of is not None else {}
+        highwater = getattr(self.source, "highwater", None)
+        return [tp for tp in self.source.assignment()
+                if lags.get(tp, 0) <= 0 and tp not in self._newly_assigned and tp not in self.state.bulk_until
+                and tp not in self.state.rebuild_until
+                and (highwater is None or highwater(tp) is not None)]  # no fetch answered yet: not caught up
+
+    def _advance_idle(self) -> None:
+        """Partitions with no backlog. `wall`: their clock is the wall clock. `stream`: a partition that has
+        received nothing for `idle_partition_seconds` follows the most advanced partition (as Flink marks an idle
+        source), so a quiet partition never keeps its subjects' deadlines waiting for ever."""
+        if self.settings.clock == "wall":
+            now = dt.datetime.now(dt.timezone.utc)
+            for tp in self._caught_up():
+                self.clocks.advance(tp, now)
+            return
+        lanes = self.clocks.lanes()
+        if not lanes:
+            return
+        latest = max(lanes.values())
+        quiet_since = time.monotonic() - self.settings.idle_partition_seconds
+        for tp in self._caught_up():
+            if self._last_record_at.setdefault(tp, time.monotonic()) <= quiet_since:
+                self.clocks.advance(tp, latest)
 
     # ---- getting a batch out: alerts, dead letters, then offsets ---------------------------------------------------
     def _settle(self) -> bool:
@@ -322,6 +454,8 @@ class MonitorService:
                 if (alert.alert_id, alert.status) in self.published:
                     if box.attempts == 1:
                         self.stats["alerts_suppressed"] += 1
+                    if alert.status == "retracted":
+                        self._withdrawal_cause.pop(alert.alert_id, None)
                     continue
                 box.fresh.append((alert, ts))
             box.added = True
@@ -341,7 +475,9 @@ class MonitorService:
                 self.published.add((alert.alert_id, alert.status))
             self.stats["alerts_published"] += 1
             if self.metrics is not None:
-                self.metrics.alert_published(alert, (now_ms - ts) / 1000 if ts and ts > 0 else None)
+                cause = (self._withdrawal_cause.pop(alert.alert_id, "other") if alert.status == "retracted"
+                         else "other")
+                self.metrics.alert_published(alert, (now_ms - ts) / 1000 if ts and ts > 0 else None, cause=cause)
             if self.on_alert is not None:
                 self.on_alert(alert)
 
@@ -363,20 +499,36 @@ class MonitorService:
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if self.source is None:
             return
-        done = {tp: off for tp, off in offsets.items() if off >= self.state.rebuild_until.get(tp, 0)}
+        # records read again below the committed offset (a rebuild) are never committed: offsets only go forward
+        done = {tp: off for tp, off in offsets.items() if off > self._committed.get(tp, 0)}
+        backwards = {tp: (off, self._committed[tp]) for tp, off in done.items()
+                     if tp in self._committed and off < self._committed[tp]}
+        if backwards:  # cannot happen after the filter above; a guard so that no change can ever make it happen
+            raise RuntimeError(f"refusing to commit offsets backwards (offset, committed): {backwards}")
         try:
             self.source.commit(done)
         except CommitFailedError as exc:  # the group rebalanced meanwhile: the new owner rebuilds these partitions
             log.warning("offset commit refused after a rebalance (%s); the partitions' new owner reads them again "
                         "from the beginning and publishes nothing twice", exc)
+        else:
+            self._committed.update(done)
         for tp in list(self.state.rebuild_until):
             if tp in offsets and offsets[tp] >= self.state.rebuild_until[tp]:
                 del self.state.rebuild_until[tp]
+        self._update_ready()
+
+    def _update_ready(self) -> None:
+        """Ready means rebuilt: every assigned partition read up to its rebuild boundary (empty ones at once)."""
+        if self.source is None:
+            return
         was_ready = self.state.ready
-        self.state.ready = (not self.state.rebuild_until and not self._newly_assigned
+        self.state.ready = (not self.state.rebuild_until and not self.state.bulk_until and not self._newly_assigned
                             and bool(self.source.assignment()))
         if self.state.ready and not was_ready and self.refresh_published is not None:
-            self.published.clear()  # read back for the rebuild; read again at the next assignment or reload
+            # read back for the rebuild; read again at the next assignment or reload (rebound, not cleared: the
+            # alert book keeps each adopted subject's own pairs)
+            self.published = set()
+            self._read_back = None
 
     metrics_server: Any = None
 
@@ -433,7 +585,8 @@ class MonitorService:
                           "in force, send SIGHUP to retry", exc, old.rules.version)
                 return False
         started = time.monotonic()
-        new = Monitor.create(rules=rules, clock=self.clock, max_events_per_subject=old.max_events_per_subject)
+        new = Monitor.create(rules=rules, clock=self.clocks, max_events_per_subject=old.max_events_per_subject)
+        new.lanes.update(old.lanes)
         stored = sorted((st for state in old.subjects.values() for st in state.events.values()),
                         key=lambda st: (st.event.recorded_at, st.seq))
         batch: list[tuple[Any, ...]] = []
@@ -453,7 +606,7 @@ class MonitorService:
                 new.subjects[subject_id].site_id = state.site_id
         before = {a.alert_id: a for a in old.book.open_alerts()}
         after = {a.alert_id: a for a in new.book.open_alerts()}
-        now = self.clock.now().isoformat()
+        now = self.clocks.now().isoformat()
         changes: list[tuple[Alert, int | None]] = [(after[k], None) for k in sorted(set(after) - set(before))]
         changes += [(before[k].model_copy(update={"status": "retracted", "retracts": k, "detected_at": now,
                                                   "rule_version": rules.version}), None)
@@ -471,6 +624,7 @@ class MonitorService:
                 self.metrics.rules_reload_failures.inc()
             return False
         self.monitor = new
+        self._note_withdrawals(changes, cause="rules_change")
         self._outbox = _Outbox(alerts=changes, offsets={})
         self._settle()  # held and retried by run() if the broker does not acknowledge
         if self.metrics is not None:
