@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Collection
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import EvaluationError
 from monitor.facts import Fact
@@ -41,6 +41,10 @@ class Alert(BaseModel):
     message: str
     expects: str = ""
     evidence: dict[str, Any]
+    # Where the service published it: the events partition of its subject and the offset committed with the batch
+    # that produced it (a Kafka header, not part of the record). A restarted owner whose committed offset is
+    # below it will read that batch again and derive this very alert itself (see `AlertBook.settle`).
+    commit_position: tuple[int, int] | None = Field(default=None, exclude=True, repr=False)
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
@@ -57,12 +61,12 @@ class AlertBook:
     def __init__(self) -> None:
         self._open: dict[str, dict[tuple[str, str], Alert]] = {}
         self._occurrences: dict[tuple[str, str, str], int] = {}
-        # per adopted subject, the (alert_id, status) pairs the alerts topic held for it when it was adopted: its
-        # occurrence numbers continue after them, whatever the service later does with its own published set
+        # per adopted subject, the (alert_id, status) pairs the alerts topic held for it: its occurrence numbers
+        # continue after them, whatever the service later does with its own published set. While a restarted
+        # owner reads the records past its committed offset again, only the pairs published for records up to
+        # that offset: the alerts the previous owner derived from the later ones are derived again under the same
+        # ids (and not published twice); `settle` then takes in every pair.
         self._seen: dict[str, Collection[tuple[str, str]]] = {}
-        # adopted subjects whose partition still has records the previous owner may have processed (its
-        # unacknowledged tail): alerts open on the topic that no match claims yet are not withdrawn until `settle`
-        self._settling: set[str] = set()
 
     def open_alerts(self, subject_id: str | None = None) -> list[Alert]:
         books = [self._open.get(subject_id, {})] if subject_id else list(self._open.values())
@@ -71,20 +75,20 @@ class AlertBook:
     def forget(self, subject_id: str) -> None:
         self._open.pop(subject_id, None)
         self._seen.pop(subject_id, None)
-        self._settling.discard(subject_id)
         for key in [k for k in self._occurrences if k[1] == subject_id]:
             del self._occurrences[key]
 
     def adopt(self, *, subject_id: str, site_id: str, matches: set[tuple[str, str]], facts: dict[str, Fact],
               rules: dict[str, Rule], published: Collection[tuple[str, str]], open_alerts: list[Alert],
-              detected_at: str, version: str, settling: bool = False) -> None:
+              detected_at: str, version: str) -> None:
         """After a rebuild loaded a subject's committed history without evaluating it batch by batch, take over
-        what was published for it. Each current match continues its latest published occurrence (open, or
-        withdrawn only by a crashed owner's unacknowledged tail, which is processed again next); open alerts that
-        no current match claims stay in the book under their own id, so the next `reconcile` withdraws them.
-        Later first matches of this subject continue the occurrence numbers found on the topic."""
+        what was published for it up to the committed offset (`published`: those pairs; `open_alerts`: the alerts
+        they leave open). Each current match continues its latest published occurrence if that one is still
+        open; open alerts that no current match claims stay in the book under their own id, so the next
+        `reconcile` withdraws them. Later first matches of this subject continue the occurrence numbers found."""
         for_subject = getattr(published, "for_subject", None)
-        self._seen[subject_id] = for_subject(subject_id) if for_subject is not None else published
+        seen = for_subject(subject_id) if for_subject is not None else published
+        self._seen[subject_id] = seen
         book = dict(self._open.get(subject_id, {}))  # committed below, once every alert is built
         occurrences: dict[tuple[str, str, str], int] = {}
         unclaimed = {a.alert_id: a for a in open_alerts if a.subject_id == subject_id and a.status == "raised"}
@@ -98,6 +102,8 @@ class AlertBook:
                 continue
             occurrences[key] = n
             latest = alert_id(rule_id, subject_id, fact_id, n - 1)
+            if (latest, "retracted") in seen:  # withdrawn up to the commit: the match is a new occurrence
+                continue
             found: Alert | None = unclaimed.pop(latest, None)
             try:
                 book[(rule_id, fact_id)] = found or make_alert(
@@ -105,17 +111,9 @@ class AlertBook:
                     detected_at=detected_at, version=version)
             except Exception as exc:
                 raise EvaluationError(f"alert for rule {rule_id} on {fact.name}", exc) from exc
-        for aid, alert in unclaimed.items():
-            # Deferred (a later record may claim it) only if it was raised at or after the rebuild's boundary time:
-            # then the previous owner raised it in records past its last commit, which are read next. One raised
-            # before is stale for the state at the boundary: withdrawn now, as it was by the clean run.
-            later = settling and _at_or_after(alert.detected_at, detected_at)
-            book.setdefault((alert.rule, f"{'published' if later else 'stale'}:{aid}"), alert)
+        for aid, alert in unclaimed.items():  # open at the commit, not held by the state there: withdrawn now
+            book.setdefault((alert.rule, f"stale:{aid}"), alert)
         self._open[subject_id] = book
-        if settling:
-            self._settling.add(subject_id)
-        else:
-            self._settling.discard(subject_id)
         self._occurrences.update(occurrences)
 
     def _next_occurrence(self, key: tuple[str, str, str]) -> int:
@@ -133,8 +131,7 @@ class AlertBook:
         the book as it was."""
         book = self._open.get(subject_id, {})
         out: list[Alert] = []
-        settling = subject_id in self._settling
-        gone = sorted(k for k in set(book) - matches if not (settling and k[1].startswith("published:")))
+        gone = sorted(set(book) - matches)
         for identity in gone:
             old = book[identity]
             out.append(old.model_copy(update={"status": "retracted", "retracts": old.alert_id,
@@ -147,10 +144,6 @@ class AlertBook:
                 continue
             key = (rule_id, subject_id, fact_id)
             occurrence = self._next_occurrence(key)
-            claimed = book.get((rule_id, f"published:{alert_id(*key, occurrence - 1)}")) if occurrence else None
-            if claimed is not None:  # the previous owner published this very alert (still open): it is this match
-                raised.append((identity, key, occurrence - 1, claimed))
-                continue
             try:
                 alert = make_alert(rule=rule, fact=fact, subject_id=subject_id, site_id=site_id,
                                    alert_id=alert_id(rule_id, subject_id, fact_id, occurrence),
@@ -163,32 +156,34 @@ class AlertBook:
             del book[identity]
         for identity, key, occurrence, alert in raised:
             self._occurrences[key] = occurrence + 1
-            claimed_key = (alert.rule, f"published:{alert.alert_id}")
-            if claimed_key in book:
-                del book[claimed_key]
-                book[identity] = alert
-                continue
             book[identity] = alert
             out.append(alert)
         return out
 
-    def settling(self, subject_id: str) -> bool:
-        return subject_id in self._settling
-
-    def settle(self, subject_id: str) -> bool:
-        """The subject's partition is read past everything the previous owner may have processed: alerts open on
-        the topic that no match claimed are withdrawn at its next `reconcile`. True if there are any."""
-        self._settling.discard(subject_id)
-        return any(k[1].startswith("published:") for k in self._open.get(subject_id, {}))
-
-
-def _at_or_after(a: str, b: str) -> bool:
-    try:
-        import datetime as dt
-
-        return dt.datetime.fromisoformat(a) >= dt.datetime.fromisoformat(b)
-    except (TypeError, ValueError):
-        return False
+    def settle(self, subject_id: str, *, seen: Collection[tuple[str, str]], on_topic: Collection[tuple[str, str]],
+               topic_open: list[Alert]) -> bool:
+        """A restarted owner has read again every record the previous owner published alerts for past the
+        committed offset (it derived the same alerts under the same ids, and published none of them twice). Where
+        that second pass went otherwise (a batch split differently across polls), the topic and the book are made
+        to agree: an alert open on the topic that the book does not hold is withdrawn, and an alert the book holds
+        that the topic shows withdrawn is dropped, so that the next `reconcile` raises it again under a new
+        occurrence. `seen`: every pair the topic held for the subject when read back (occurrence numbers continue
+        after them from now on); `on_topic`: what the topic holds now; `topic_open`: the alerts the read-back
+        found open. True if the subject must be evaluated again."""
+        self._seen[subject_id] = seen
+        book = self._open.setdefault(subject_id, {})
+        held = {a.alert_id for a in book.values()}
+        changed = False
+        for identity, alert in list(book.items()):
+            if (alert.alert_id, "retracted") in on_topic:
+                del book[identity]
+                changed = True
+        for alert in topic_open:
+            if (alert.subject_id == subject_id and alert.alert_id not in held
+                    and (alert.alert_id, "retracted") not in on_topic):
+                book[(alert.rule, f"stale:{alert.alert_id}")] = alert
+                changed = True
+        return changed
 
 
 MESSAGE_DECIMALS = 4

@@ -194,28 +194,30 @@ class Monitor:
             errors=[EventRejected("evaluation_error", detail, event_id=item[0].event_id) for item in items]))
 
     def evaluate_rebuilt(self, subjects: Iterable[str], *, published: Collection[tuple[str, str]],
-                         open_alerts: dict[str, list[Alert]], settling: bool = False) -> list[Alert]:
-        """Evaluate subjects loaded by a rebuild once, on their end state. What was already published for them
-        (`published`, and the alerts still open on the topic, by subject) is adopted first, so an alert whose
-        condition went is withdrawn and occurrence numbers continue where they were. `settling`: records after
-        the committed offset that the previous owner may have processed follow; an open alert no match claims yet
-        is withdrawn only at `settle` (a match in those records claims it: nothing is published twice)."""
+                         open_alerts: dict[str, list[Alert]]) -> list[Alert]:
+        """Evaluate subjects loaded by a rebuild once, on their end state. What was already published for them up
+        to the committed offset (`published`, and the alerts it leaves open, by subject) is adopted first, so an
+        alert whose condition went is withdrawn and occurrence numbers continue where they were."""
         out: list[Alert] = []
         for subject_id in sorted(s for s in subjects if s in self.subjects):
-            adopt = (published, open_alerts.get(subject_id, []), settling)
+            adopt = (published, open_alerts.get(subject_id, []))
             try:
                 out.extend(self.evaluate_subject(subject_id, adopt=adopt))
             except Exception as exc:
                 out.extend(self._rebuild_stepwise(subject_id, exc, adopt))
         return out
 
-    def settle(self, subjects: Iterable[str]) -> list[Alert]:
-        """The rebuilt subjects' partition is read past what the previous owner may have processed: withdraw the
-        open alerts on the topic that no match claimed."""
-        return self._evaluate({s for s in subjects if self.book.settle(s)})
+    def settle(self, subjects: Iterable[str], *, seen: Any, on_topic: Collection[tuple[str, str]],
+               topic_open: dict[str, list[Alert]]) -> list[Alert]:
+        """The subjects' partition is read again past every record the previous owner published alerts for: make
+        the topic and the book agree where this pass went otherwise (`AlertBook.settle`). `seen.for_subject(s)`:
+        every pair the topic held for a subject when read back."""
+        changed = {s for s in subjects if s in self.subjects and self.book.settle(
+            s, seen=seen.for_subject(s), on_topic=on_topic, topic_open=topic_open.get(s, []))}
+        return self._evaluate(changed)
 
     def _rebuild_stepwise(self, subject_id: str, exc: Exception,
-                          adopt: tuple[Collection[tuple[str, str]], list[Alert], bool]) -> list[Alert]:
+                          adopt: tuple[Collection[tuple[str, str]], list[Alert]]) -> list[Alert]:
         """A rebuilt subject whose end state cannot be evaluated: its history held a batch that failed before
         (undone and dead-lettered then, but loaded again from the topic). Apply its history again batch by batch,
         leaving out each batch whose evaluation fails, then evaluate the end state once. No crash loop."""
@@ -345,7 +347,7 @@ class Monitor:
         return derived, facts
 
     def evaluate_subject(self, subject_id: str,
-                         adopt: tuple[Collection[tuple[str, str]], list[Alert], bool] | None = None) -> list[Alert]:
+                         adopt: tuple[Collection[tuple[str, str]], list[Alert]] | None = None) -> list[Alert]:
         """Evaluate one subject: derive, run the rules, reconcile its alerts. Raises (EvaluationError naming the
         stage) before the alert book changes; callers undo the subject's batch."""
         state = self.subjects[subject_id]
@@ -353,7 +355,7 @@ class Monitor:
         matches = self.engine.matches(subject_id)
         if adopt is not None:
             self.book.adopt(subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,
-                            rules=self.rules.rules, published=adopt[0], open_alerts=adopt[1], settling=adopt[2],
+                            rules=self.rules.rules, published=adopt[0], open_alerts=adopt[1],
                             detected_at=self.now_for(subject_id).isoformat(), version=self.rules.version)
         alerts = self.book.reconcile(
             subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,

@@ -21,9 +21,10 @@ a caught-up partition quiet for `idle_partition_seconds` follows the most advanc
 
 Rebuild: on partition assignment the subjects of those partitions are rebuilt by reading the partitions from the
 beginning: up to the group's committed offset the history is loaded without evaluating each batch and each subject
-is evaluated once, taking over what the alerts topic holds; the rest is processed batch by batch, as live, and the
-alerts the previous owner published past its commit are claimed, not published again (those no record claims are
-withdrawn once the rebuild's end is read). The rebuild's end is never below the committed offset nor the fetch's
+is evaluated once, taking over what the alerts topic held at that offset (each alert record carries the commit
+position of the batch that produced it); the rest is processed batch by batch, as live: the alerts the previous
+owner published past its commit are derived again under the same ids and not published again, and once those
+records are read, whatever this pass did otherwise is made to agree with the topic (`Monitor.settle`). The rebuild's end is never below the committed offset nor the fetch's
 high watermark (a ListOffsets answer may be short), offsets are never committed backwards, and the service is ready
 once every assigned partition is rebuilt (an empty one at once). On revocation they are dropped.
 """
@@ -110,8 +111,9 @@ class MonitorService:
         monitor.clock = self.clocks
         self._last_record_at: dict[TopicPartition, float] = {}  # monotonic time a partition last gave a record
         self._committed: dict[TopicPartition, int] = {}  # per partition: offsets are never committed below this
-        # partitions rebuilt up to the committed offset whose next records the previous owner may have processed:
-        # at this offset their subjects' open alerts that no match claimed are withdrawn (`Monitor.settle`)
+        # rebuilding partitions whose records up to this offset the previous owner published alerts for (the
+        # highest commit position on the alerts topic): once they are read again, the topic and the alert book are
+        # made to agree where this pass went otherwise (`Monitor.settle`); ready only after
         self._settle_at: dict[TopicPartition, int] = {}
         self._withdrawal_cause: dict[str, str] = {}  # alert_id -> why, until the withdrawal is published
         self._end_checked: set[TopicPartition] = set()  # rebuild boundary raised to the first fetch's high watermark
@@ -122,7 +124,7 @@ class MonitorService:
         self.state = ServiceState()
         self.source = None  # set by attach()
         self._newly_assigned: list[TopicPartition] = []
-        self._open_published: dict[str, list[Alert]] = {}  # by subject, read back while partitions rebuild
+        self._open_published: dict[str, list[Alert]] = {}  # by subject, open on the topic when read back
         self._read_back: Collection[tuple[str, str]] | None = None  # the last read-back of the alerts topic
         self._gauges_at = 0.0
         self.reload_requested = threading.Event()
@@ -181,6 +183,10 @@ class MonitorService:
             self.state.subjects_by_partition.setdefault(tp, set())
             committed = self._bulk_boundary(tp, ends.get(tp, 0))
             self._committed[tp] = committed
+            after = getattr(self._read_back, "after", None)
+            tail = after(tp.partition, committed) if after is not None else None
+            if tail is not None or committed > 0:  # see `_finish_rebuild` and `Monitor.settle`
+                self._settle_at[tp] = tail if tail is not None else committed
             # ListOffsets may answer below the true end (ENGINE_NOTES: Tansu) and so below the committed offset:
             # the rebuild never stops before the committed offset, nor before the last fetch's high watermark
             end = max(ends.get(tp) or 0, committed, (highwater(tp) if highwater is not None else None) or 0)
@@ -212,17 +218,21 @@ class MonitorService:
         boundary = self.state.bulk_until.pop(tp)
         started = time.monotonic()
         subjects = self.state.subjects_by_partition.get(tp, set())
-        # Open alerts on the topic that the state at the boundary does not claim are withdrawn now. Deferring them
-        # until the records the previous owner may have processed are read (`settling`, claimed by a later match)
-        # joined two occurrences when the boundary state and the previous owner's differed (a batch split across
-        # polls): test_faults' restart then ended with ids a clean run does not have. Kept off.
-        settling = False
-        self._settle_at[tp] = max(boundary, self.state.rebuild_until.get(tp, 0))
-        published = self._read_back if self._read_back is not None else self.published
-        alerts = self.monitor.evaluate_rebuilt(subjects, published=published, open_alerts=self._open_published,
-                                               settling=settling)
-        if not self.state.bulk_until:
-            self._open_published = {}
+        # Adopt the topic as it stood at the committed offset: the alerts published with a higher commit position
+        # come from records read again next, which derive them again under the same ids (occurrence numbers
+        # continue those published up to the commit), so they are neither withdrawn nor published twice. Open
+        # alerts the state at the commit does not hold are withdrawn now. (Deferring that withdrawal until a later
+        # match claimed the alert joined two occurrences when the state at the commit differed from the previous
+        # owner's: test_faults' restart ended with ids a clean run does not have.)
+        as_of = getattr(self._read_back, "as_of", None)
+        if as_of is not None:
+            view = as_of(tp.partition, boundary)
+            published: Any = view
+            open_alerts = {s: [Alert.model_validate(r) for r in view.open_for(s)] for s in subjects}
+        else:
+            published = self._read_back if self._read_back is not None else self.published
+            open_alerts = self._open_published
+        alerts = self.monitor.evaluate_rebuilt(subjects, published=published, open_alerts=open_alerts)
         log.info("partition %d rebuilt: %d subjects evaluated in %.2f s", tp.partition, len(subjects),
                  time.monotonic() - started)
         return [(a, None) for a in alerts]
@@ -291,16 +301,34 @@ class MonitorService:
         flush_batch()
         for tp in [t for t in self.state.bulk_until if offsets.get(t, 0) >= self.state.bulk_until[t]]:
             produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
-        for tp in [t for t, end in self._settle_at.items() if offsets.get(t, 0) >= end]:
+        for tp in [t for t, end in self._settle_at.items() if t not in self.state.bulk_until
+                   and (offsets.get(t, 0) >= end or t not in self.state.rebuild_until)]:
             del self._settle_at[tp]
-            settled = self.monitor.settle(self.state.subjects_by_partition.get(tp, ()))
+            if self._read_back is None:
+                continue
+            settled = self.monitor.settle(self.state.subjects_by_partition.get(tp, ()), seen=self._read_back,
+                                          on_topic=self.published, topic_open=self._open_published)
             produced.extend((a, None) for a in self._note_withdrawals(settled, cause="recovery"))
         self._advance_idle()
         produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
         self._dead_letter_failures()
-        self._outbox = _Outbox(alerts=produced, offsets=offsets)
+        self._outbox = _Outbox(alerts=self._positioned(produced, offsets), offsets=offsets)
         self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
+
+    def _positioned(self, produced: list[tuple[Alert, int | None]],
+                    offsets: dict[TopicPartition, int]) -> list[tuple[Alert, int | None]]:
+        """Each alert carries its commit position: its subject's events partition and the offset committed with
+        this batch there (or already committed, if the batch read nothing from it). A new owner committed below
+        it reads that batch again (`PublishedAlerts.as_of`)."""
+        out = []
+        for alert, ts in produced:
+            tp = self.monitor.lanes.get(alert.subject_id)
+            if isinstance(tp, TopicPartition):
+                at = max(offsets.get(tp, 0), self._committed.get(tp, 0))
+                alert = alert.model_copy(update={"commit_position": (tp.partition, at)})
+            out.append((alert, ts))
+        return out
 
     def _note_withdrawals(self, alerts: list[Any], *, cause: str | None = None, batch: list[Any] | None = None,
                           held: set[str] | None = None) -> list[Any]:
@@ -352,8 +380,6 @@ class MonitorService:
             self._end_checked.add(tp)
             if hw > self.state.rebuild_until[tp]:
                 self.state.rebuild_until[tp] = hw
-                if tp in self._settle_at:
-                    self._settle_at[tp] = hw
 
     def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
         """Move the record's partition clock. `stream`: the record's `recorded_at`. `wall`: its broker timestamp
@@ -523,12 +549,13 @@ class MonitorService:
             return
         was_ready = self.state.ready
         self.state.ready = (not self.state.rebuild_until and not self.state.bulk_until and not self._newly_assigned
-                            and bool(self.source.assignment()))
+                            and not self._settle_at and bool(self.source.assignment()))
         if self.state.ready and not was_ready and self.refresh_published is not None:
             # read back for the rebuild; read again at the next assignment or reload (rebound, not cleared: the
             # alert book keeps each adopted subject's own pairs)
             self.published = set()
             self._read_back = None
+            self._open_published = {}
 
     metrics_server: Any = None
 
@@ -625,7 +652,7 @@ class MonitorService:
             return False
         self.monitor = new
         self._note_withdrawals(changes, cause="rules_change")
-        self._outbox = _Outbox(alerts=changes, offsets={})
+        self._outbox = _Outbox(alerts=self._positioned(changes, {}), offsets={})
         self._settle()  # held and retried by run() if the broker does not acknowledge
         if self.metrics is not None:
             self.metrics.rules.info({"version": rules.version})
