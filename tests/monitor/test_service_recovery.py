@@ -152,6 +152,35 @@ def test_a_new_owner_polling_otherwise_ends_as_a_clean_run():
             assert final_open(topic) == want, f"{per_poll} per poll, committed {committed}"
 
 
+def test_where_the_second_pass_goes_otherwise_the_topic_is_corrected_once_past_the_crashed_owners_records():
+    """A crashed owner's uncommitted records gave it an alert the new owner's pass never derives, and a withdrawal
+    of one the new owner still holds (as a batch split elsewhere across polls can do): once past those records the
+    new owner withdraws the first and raises the second again under a new id; nothing twice, the clean run's open
+    conditions."""
+    rules = load_rules()
+    recs = records()
+    clean = Topic()
+    run(Partition(recs, committed=0), clean, rules)
+    want = final_open(clean)
+    committed = len(recs) // 2
+    still_open = read_back(clean).open
+    tail = [a for a in clean.records if a.commit_position[1] > committed + 1]
+    held = next(a for a in tail if a.status == "raised" and a.alert_id in still_open)
+    ghost = held.model_copy(update={"alert_id": "0" * 24})
+    topic = Topic()
+    topic.records = [a for a in clean.records if a.commit_position[1] <= committed + 1]
+    topic.records += [ghost, held.model_copy(update={"status": "retracted", "retracts": held.alert_id})]
+    topic.records += [a for a in tail if a not in topic.records]
+    run(Partition(recs, committed=committed), topic, rules)
+    twice = [k for k, n in Counter((a.alert_id, a.status) for a in topic.records).items() if n > 1]
+    assert not twice, f"published twice {twice}"
+    assert ("0" * 24, "retracted") in pairs(topic), "an alert the second pass does not hold stayed open"
+    again = [a for a in topic.records[len(clean.records) + 2:] if a.status == "raised"]
+    assert [(a.rule, a.subject_id, a.at) for a in again] == [(held.rule, held.subject_id, held.at)]
+    assert again[0].alert_id != held.alert_id
+    assert final_open(topic) == want
+
+
 class LowEndPartition(Partition):
     """A broker whose ListOffsets answers below the true end (ENGINE_NOTES: Tansu answers the last batch's first
     offset + 1), here even below the group's committed offset."""
