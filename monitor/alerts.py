@@ -9,7 +9,7 @@ consumer that keys on `alert_id` never confuses the two.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+from collections.abc import Collection, Container
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -160,7 +160,7 @@ class AlertBook:
             out.append(alert)
         return out
 
-    def settle(self, subject_id: str, *, seen: Collection[tuple[str, str]], on_topic: Collection[tuple[str, str]],
+    def settle(self, subject_id: str, *, seen: Collection[tuple[str, str]], on_topic: Container[tuple[str, str]],
                topic_open: list[Alert]) -> bool:
         """A restarted owner has read again every record the previous owner published alerts for past the
         committed offset (it derived the same alerts under the same ids, and published none of them twice). Where

@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import logging
 from collections import Counter
-from collections.abc import Collection, Hashable, Iterable, Sequence
+from collections.abc import Collection, Container, Hashable, Iterable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -207,7 +207,7 @@ class Monitor:
                 out.extend(self._rebuild_stepwise(subject_id, exc, adopt))
         return out
 
-    def settle(self, subjects: Iterable[str], *, seen: Any, on_topic: Collection[tuple[str, str]],
+    def settle(self, subjects: Iterable[str], *, seen: Any, on_topic: Container[tuple[str, str]],
                topic_open: dict[str, list[Alert]]) -> list[Alert]:
         """The subjects' partition is read again past every record the previous owner published alerts for: make
         the topic and the book agree where this pass went otherwise (`AlertBook.settle`). `seen.for_subject(s)`:

@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,16 @@ class ServiceState:
     bulk_until: dict[TopicPartition, int] = field(default_factory=dict)
     subjects_by_partition: dict[TopicPartition, set[str]] = field(default_factory=dict)
     ready: bool = False
+
+
+class _Either:
+    """Membership in either of two collections, without copying the large one."""
+
+    def __init__(self, a: Container[tuple[str, str]], b: Container[tuple[str, str]]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.a or item in self.b
 
 
 @dataclass
@@ -306,8 +316,12 @@ class MonitorService:
             del self._settle_at[tp]
             if self._read_back is None:
                 continue
+            # what this batch publishes counts as on the topic: a withdrawal made at the rebuild's end in this very
+            # batch must not be made again
+            pending = {(a.alert_id, a.status) for a, _ in produced}
             settled = self.monitor.settle(self.state.subjects_by_partition.get(tp, ()), seen=self._read_back,
-                                          on_topic=self.published, topic_open=self._open_published)
+                                          on_topic=_Either(self.published, pending),
+                                          topic_open=self._open_published)
             produced.extend((a, None) for a in self._note_withdrawals(settled, cause="recovery"))
         self._advance_idle()
         produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
@@ -476,8 +490,13 @@ class MonitorService:
             box.resend, box.added = False, False
         if not box.added:
             box.fresh = []
+            taken: set[tuple[str, str]] = set()
             for alert, ts in box.alerts:
-                if (alert.alert_id, alert.status) in self.published:
+                pair = (alert.alert_id, alert.status)
+                if pair in taken:  # never twice in one batch either
+                    continue
+                taken.add(pair)
+                if pair in self.published:
                     if box.attempts == 1:
                         self.stats["alerts_suppressed"] += 1
                     if alert.status == "retracted":

@@ -181,6 +181,23 @@ def test_where_the_second_pass_goes_otherwise_the_topic_is_corrected_once_past_t
     assert final_open(topic) == want
 
 
+def test_an_open_alert_the_committed_state_does_not_hold_is_withdrawn_once():
+    """Open on the topic, published for committed records, not held by the state at the commit: withdrawn at the
+    rebuild's end, and not a second time when the partition settles in the same batch."""
+    rules = load_rules()
+    recs = records()
+    clean = Topic()
+    run(Partition(recs, committed=0), clean, rules)
+    committed = len(recs) // 2
+    some = next(a for a in clean.records if a.status == "raised")
+    ghost = some.model_copy(update={"alert_id": "1" * 24, "commit_position": (0, 1)})
+    topic = Topic()
+    topic.records = [ghost] + [a for a in clean.records if a.commit_position[1] <= committed]  # all committed
+    run(Partition(recs, committed=committed), topic, rules)
+    assert [a.status for a in topic.records if a.alert_id == ghost.alert_id] == ["raised", "retracted"]
+    assert not [k for k, n in Counter((a.alert_id, a.status) for a in topic.records).items() if n > 1]
+
+
 class LowEndPartition(Partition):
     """A broker whose ListOffsets answers below the true end (ENGINE_NOTES: Tansu answers the last batch's first
     offset + 1), here even below the group's committed offset."""
