@@ -711,6 +711,10 @@ class MonitorService:
             return
         if self.reload_requested.is_set() or self._rules_changed():
             self.reload_requested.clear()
+            # the files read now are the watcher's reference: a SIGHUP reload is not followed by the watcher
+            # loading (or refusing) the same files a second time
+            self._rules_fingerprint = _fingerprint(self.monitor.rules.directory)
+            self._watched_at = time.monotonic()
             self.reload_rules()
             return
         try:
