@@ -314,7 +314,7 @@ class MonitorService:
         for tp in [t for t, end in self._settle_at.items() if t not in self.state.bulk_until
                    and (offsets.get(t, 0) >= end or t not in self.state.rebuild_until)]:
             del self._settle_at[tp]
-            if self._read_back is None:
+            if getattr(self._read_back, "for_subject", None) is None:  # no read-back with subjects: nothing known
                 continue
             # what this batch publishes counts as on the topic: a withdrawal made at the rebuild's end in this very
             # batch must not be made again
