@@ -74,7 +74,13 @@ class KafkaEventSource:
         return self.consumer.committed(tp)
 
     def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """ListOffsets (latest). Some brokers answer it below the true end (ENGINE_NOTES): callers never let it
+        fall below a committed offset, and use `highwater` once a fetch answered."""
         return dict(self.consumer.end_offsets(tps))
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The high watermark of the last fetch response for the partition (None before the first)."""
+        return self.consumer.highwater(tp)
 
     def seek_to_beginning(self, tps: list[TopicPartition]) -> None:
         self.consumer.seek_to_beginning(*tps)

@@ -9,10 +9,10 @@ consumer that keys on `alert_id` never confuses the two.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+from collections.abc import Collection, Container
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.errors import EvaluationError
 from monitor.facts import Fact
@@ -41,6 +41,10 @@ class Alert(BaseModel):
     message: str
     expects: str = ""
     evidence: dict[str, Any]
+    # Where the service published it: the events partition of its subject and the offset committed with the batch
+    # that produced it (a Kafka header, not part of the record). A restarted owner whose committed offset is
+    # below it will read that batch again and derive this very alert itself (see `AlertBook.settle`).
+    commit_position: tuple[int, int] | None = Field(default=None, exclude=True, repr=False)
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
@@ -57,8 +61,13 @@ class AlertBook:
     def __init__(self) -> None:
         self._open: dict[str, dict[tuple[str, str], Alert]] = {}
         self._occurrences: dict[tuple[str, str, str], int] = {}
-        self._published: Collection[tuple[str, str]] | None = None  # the service's published set, once adopting
-        self._adopted: set[str] = set()  # subjects whose occurrence numbers continue those on the topic
+        # per adopted subject, the (alert_id, status) pairs the alerts topic held for it: its occurrence numbers
+        # continue after them, whatever the service later does with its own published set. While a restarted
+        # owner reads the records past its committed offset again, only the pairs published for records up to
+        # that offset: the alerts the previous owner derived from the later ones are derived again under the same
+        # ids (and not published twice); `settle` then takes in every pair.
+        self._seen: dict[str, Collection[tuple[str, str]]] = {}
+        self._published: Collection[tuple[str, str]] | None = None  # the topic's pairs at a rules reload
 
     def open_alerts(self, subject_id: str | None = None) -> list[Alert]:
         books = [self._open.get(subject_id, {})] if subject_id else list(self._open.values())
@@ -66,7 +75,7 @@ class AlertBook:
 
     def forget(self, subject_id: str) -> None:
         self._open.pop(subject_id, None)
-        self._adopted.discard(subject_id)
+        self._seen.pop(subject_id, None)
         for key in [k for k in self._occurrences if k[1] == subject_id]:
             del self._occurrences[key]
 
@@ -74,12 +83,13 @@ class AlertBook:
               rules: dict[str, Rule], published: Collection[tuple[str, str]], open_alerts: list[Alert],
               detected_at: str, version: str) -> None:
         """After a rebuild loaded a subject's committed history without evaluating it batch by batch, take over
-        what was published for it. Each current match continues its latest published occurrence (open, or
-        withdrawn only by a crashed owner's unacknowledged tail, which is processed again next); open alerts that
-        no current match claims stay in the book under their own id, so the next `reconcile` withdraws them.
-        Later first matches of this subject continue the occurrence numbers found on the topic."""
-        self._published = published
-        self._adopted.add(subject_id)
+        what was published for it up to the committed offset (`published`: those pairs; `open_alerts`: the alerts
+        they leave open). Each current match continues its latest published occurrence if that one is still
+        open; open alerts that no current match claims stay in the book under their own id, so the next
+        `reconcile` withdraws them. Later first matches of this subject continue the occurrence numbers found."""
+        for_subject = getattr(published, "for_subject", None)
+        seen = for_subject(subject_id) if for_subject is not None else published
+        self._seen[subject_id] = seen
         book = dict(self._open.get(subject_id, {}))  # committed below, once every alert is built
         occurrences: dict[tuple[str, str, str], int] = {}
         unclaimed = {a.alert_id: a for a in open_alerts if a.subject_id == subject_id and a.status == "raised"}
@@ -93,6 +103,8 @@ class AlertBook:
                 continue
             occurrences[key] = n
             latest = alert_id(rule_id, subject_id, fact_id, n - 1)
+            if (latest, "retracted") in seen:  # withdrawn up to the commit: the match is a new occurrence
+                continue
             found: Alert | None = unclaimed.pop(latest, None)
             try:
                 book[(rule_id, fact_id)] = found or make_alert(
@@ -100,15 +112,16 @@ class AlertBook:
                     detected_at=detected_at, version=version)
             except Exception as exc:
                 raise EvaluationError(f"alert for rule {rule_id} on {fact.name}", exc) from exc
-        for aid, alert in unclaimed.items():
-            book.setdefault((alert.rule, f"published:{aid}"), alert)
+        for aid, alert in unclaimed.items():  # open at the commit, not held by the state there: withdrawn now
+            book.setdefault((alert.rule, f"stale:{aid}"), alert)
         self._open[subject_id] = book
         self._occurrences.update(occurrences)
 
     def _next_occurrence(self, key: tuple[str, str, str]) -> int:
         n = self._occurrences.get(key, 0)
-        if self._published is not None and key[1] in self._adopted:
-            while (alert_id(*key, n), "raised") in self._published:
+        seen = self._seen.get(key[1])
+        if seen:
+            while (alert_id(*key, n), "raised") in seen:
                 n += 1
         return n
 
@@ -127,9 +140,7 @@ class AlertBook:
         The rebuild cannot reproduce the occurrence numbers of the live history (it sees each event's latest
         version only, and every deadline at once), so identity is matched by condition, never by alert_id."""
         out: list[Alert] = []
-        if self._published is None:
-            self._published = old._published
-        self._adopted |= old._adopted
+        self._seen.update(old._seen)  # what the topic held for adopted subjects: occurrences continue after it
         for key, n in old._occurrences.items():
             self._occurrences[key] = max(n, self._occurrences.get(key, 0))
         for subject_id in sorted(set(self._open) | set(old._open)):
@@ -144,7 +155,9 @@ class AlertBook:
                 rule_id, fact_id = identity
                 key = (rule_id, subject_id, fact_id)
                 n = max(old._occurrences.get(key, 0), self._occurrences.get(key, 1) - 1)
-                while self._published is not None and (alert_id(*key, n), "raised") in self._published:
+                seen = self._seen.get(subject_id) or ()
+                while (alert_id(*key, n), "raised") in seen or (
+                        self._published is not None and (alert_id(*key, n), "raised") in self._published):
                     n += 1
                 self._occurrences[key] = n + 1
                 raised = mine[identity].model_copy(update={"alert_id": alert_id(*key, n), "detected_at": detected_at})
@@ -187,6 +200,31 @@ class AlertBook:
             book[identity] = alert
             out.append(alert)
         return out
+
+    def settle(self, subject_id: str, *, seen: Collection[tuple[str, str]], on_topic: Container[tuple[str, str]],
+               topic_open: list[Alert]) -> bool:
+        """A restarted owner has read again every record the previous owner published alerts for past the
+        committed offset (it derived the same alerts under the same ids, and published none of them twice). Where
+        that second pass went otherwise (a batch split differently across polls), the topic and the book are made
+        to agree: an alert open on the topic that the book does not hold is withdrawn, and an alert the book holds
+        that the topic shows withdrawn is dropped, so that the next `reconcile` raises it again under a new
+        occurrence. `seen`: every pair the topic held for the subject when read back (occurrence numbers continue
+        after them from now on); `on_topic`: what the topic holds now; `topic_open`: the alerts the read-back
+        found open. True if the subject must be evaluated again."""
+        self._seen[subject_id] = seen
+        book = self._open.setdefault(subject_id, {})
+        held = {a.alert_id for a in book.values()}
+        changed = False
+        for identity, alert in list(book.items()):
+            if (alert.alert_id, "retracted") in on_topic:
+                del book[identity]
+                changed = True
+        for alert in topic_open:
+            if (alert.subject_id == subject_id and alert.alert_id not in held
+                    and (alert.alert_id, "retracted") not in on_topic):
+                book[(alert.rule, f"stale:{alert.alert_id}")] = alert
+                changed = True
+        return changed
 
 
 MESSAGE_DECIMALS = 4

@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     clock: Literal["wall", "stream"] = Field(
         default="wall", description="wall: live deadlines; stream: the events' recorded_at (replaying history)")
     tick_seconds: float = Field(default=0.5, gt=0, le=60, description="how often deadlines are checked when idle")
+    idle_partition_seconds: float = Field(
+        default=30.0, gt=0, description="stream clock: a caught-up partition that received nothing for this long "
+        "follows the most advanced partition's clock (its deadlines never wait for ever)")
     rules_watch_seconds: float = Field(default=2.0, ge=0, description="poll the rules directory for edits (0 = only SIGHUP)")
     kri_interval_seconds: float = Field(default=60.0, gt=0, description="how often site-risk KRIs and QTLs are recomputed (rules/kri.yaml)")
     qtl_alerts: bool = Field(default=False, description="raise QTL breach alerts from this instance: turn it on for one instance only (each scores the subjects of its own partitions)")

@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import logging
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Container, Hashable, Iterable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -72,7 +72,8 @@ class Monitor:
         self.grace = dt.timedelta(hours=rules.parameters.deadline_grace_hours)
         self.subjects: dict[str, SubjectState] = {}
         self.book = AlertBook()
-        self.deadlines = DeadlineScheduler()
+        self.lanes: dict[str, Hashable] = {}  # subject -> its partition, when the clock has one per partition
+        self.deadlines = DeadlineScheduler(lane_of=self.lanes.get)
         self.stats = Stats()
         self._horizon: dt.datetime | None = None
         self._facts_read = rules.facts_read()
@@ -130,7 +131,7 @@ class Monitor:
             undo[subject_id][3].append(outcome)
             if outcome in (Applied.NEW, Applied.AMENDED):
                 touched.add(subject_id)
-        alerts = self._evaluate(touched | set(self.deadlines.pop_due(self.clock.now())), undo)
+        alerts = self._evaluate(touched | set(self.deadlines.pop_due(self._lane_now)), undo)
         for subject_id in undo:  # kept (a failed subject was restored, which closed its log already)
             state = self.subjects.get(subject_id)
             if state is not None:
@@ -205,9 +206,9 @@ class Monitor:
 
     def evaluate_rebuilt(self, subjects: Iterable[str], *, published: Collection[tuple[str, str]],
                          open_alerts: dict[str, list[Alert]]) -> list[Alert]:
-        """Evaluate subjects loaded by a rebuild once, on their end state. What was already published for them
-        (`published`, and the alerts still open on the topic, by subject) is adopted first, so an alert whose
-        condition went is withdrawn and occurrence numbers continue where they were."""
+        """Evaluate subjects loaded by a rebuild once, on their end state. What was already published for them up
+        to the committed offset (`published`, and the alerts it leaves open, by subject) is adopted first, so an
+        alert whose condition went is withdrawn and occurrence numbers continue where they were."""
         out: list[Alert] = []
         for subject_id in sorted(s for s in subjects if s in self.subjects):
             adopt = (published, open_alerts.get(subject_id, []))
@@ -216,6 +217,15 @@ class Monitor:
             except Exception as exc:
                 out.extend(self._rebuild_stepwise(subject_id, exc, adopt))
         return out
+
+    def settle(self, subjects: Iterable[str], *, seen: Any, on_topic: Container[tuple[str, str]],
+               topic_open: dict[str, list[Alert]]) -> list[Alert]:
+        """The subjects' partition is read again past every record the previous owner published alerts for: make
+        the topic and the book agree where this pass went otherwise (`AlertBook.settle`). `seen.for_subject(s)`:
+        every pair the topic held for a subject when read back."""
+        changed = {s for s in subjects if s in self.subjects and self.book.settle(
+            s, seen=seen.for_subject(s), on_topic=on_topic, topic_open=topic_open.get(s, []))}
+        return self._evaluate(changed)
 
     def _rebuild_stepwise(self, subject_id: str, exc: Exception,
                           adopt: tuple[Collection[tuple[str, str]], list[Alert]]) -> list[Alert]:
@@ -272,7 +282,7 @@ class Monitor:
 
     def tick(self) -> list[Alert]:
         """Evaluate the subjects whose deadlines are due at the clock's current time."""
-        return self._evaluate(set(self.deadlines.pop_due(self.clock.now())))
+        return self._evaluate(set(self.deadlines.pop_due(self._lane_now)))
 
     def finish(self, horizon: dt.datetime | None) -> list[Alert]:
         """End of a replay: evaluate every deadline up to the evaluation horizon (RULES_SPEC §2.3)."""
@@ -280,7 +290,7 @@ class Monitor:
         if horizon is None:
             return self.tick()
         due = [s for s, at in self.deadlines.pending().items() if at - self.grace <= horizon]
-        due += self.deadlines.pop_due(self.clock.now())
+        due += self.deadlines.pop_due(self._lane_now)
         return self._evaluate(set(due))
 
     @staticmethod
@@ -299,10 +309,22 @@ class Monitor:
         self.engine.release(subject_id)
         self.book.forget(subject_id)
         self.deadlines.set(subject_id, None)
+        self.lanes.pop(subject_id, None)
 
     # ---- evaluation -------------------------------------------------------------------------------------------
-    def cutoff(self) -> dt.datetime:
-        cut = self.clock.now() - self.grace
+    def _lane_now(self, lane: Hashable) -> dt.datetime:
+        """The processing time of a lane (a partition): its own clock when the clock keeps one per partition."""
+        now_of = getattr(self.clock, "now_of", None)
+        if lane is None or now_of is None:
+            return self.clock.now()
+        return now_of(lane)  # type: ignore[no-any-return]
+
+    def now_for(self, subject_id: str | None) -> dt.datetime:
+        """The processing time a subject's deadlines are judged against: its partition's clock (issue 16)."""
+        return self._lane_now(self.lanes.get(subject_id) if subject_id is not None else None)
+
+    def cutoff(self, subject_id: str | None = None) -> dt.datetime:
+        cut = self.now_for(subject_id) - self.grace
         if self._horizon is not None and self._horizon > cut:
             return self._horizon
         return cut
@@ -325,7 +347,7 @@ class Monitor:
         """Derive the subject's facts and make the engine hold them; (derived, facts by id)."""
         state = self.subjects[subject_id]
         view = self.deriver.view(state)
-        derived = self.deriver.derive(view, self.cutoff(), memo=state.memo, changed=state.changed)
+        derived = self.deriver.derive(view, self.cutoff(subject_id), memo=state.memo, changed=state.changed)
         state.changed = set()
         state.changed_events = []
         facts, messages, delta = self._facts_of(state, derived)
@@ -382,10 +404,10 @@ class Monitor:
         if adopt is not None:
             self.book.adopt(subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,
                             rules=self.rules.rules, published=adopt[0], open_alerts=adopt[1],
-                            detected_at=self.clock.now().isoformat(), version=self.rules.version)
+                            detected_at=self.now_for(subject_id).isoformat(), version=self.rules.version)
         alerts = self.book.reconcile(
             subject_id=subject_id, site_id=state.site_id, matches=matches, facts=facts,
-            rules=self.rules.rules, detected_at=self.clock.now().isoformat(), version=self.rules.version)
+            rules=self.rules.rules, detected_at=self.now_for(subject_id).isoformat(), version=self.rules.version)
         self.deadlines.set(subject_id, derived.next_deadline + self.grace if derived.next_deadline else None)
         alerts = [self._with_sources(a, state) for a in alerts]
         self.stats.evaluations += 1

@@ -18,8 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from monitor.alerts import Alert
 
-LABELS = {"site", "rule", "severity", "category", "type", "reason", "topic", "partition", "arm", "version",
+LABELS = {"site", "rule", "severity", "category", "type", "reason", "topic", "partition", "arm", "version", "cause",
           "kri", "bound", "qtl"}  # the last three: site-risk gauges (monitor/kri.py)
+WITHDRAWAL_CAUSES = ("late_data", "amendment", "new_data", "deadline", "recovery", "rules_change", "other")
+"""Why an alert was withdrawn: `late_data` a record that happened before the alert's deadline (+ grace) arrived
+after the alert; `amendment` a corrected version of a held record; `new_data` a later record changed the verdict;
+`deadline` re-evaluated when a deadline fell due; `recovery` a restarted or new owner found the condition gone;
+`rules_change` a new rules version."""
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -34,6 +39,9 @@ class Metrics:
                                      ["site", "rule", "severity", "category"], registry=registry)
         self.alerts_retracted = Counter("protocol_monitor_alerts_retracted", "Alert records withdrawn",
                                         ["site", "rule"], registry=registry)
+        self.alerts_withdrawn = Counter("protocol_monitor_alerts_withdrawn",
+                                        "Alert records withdrawn, by why (flapping: compare with alerts raised)",
+                                        ["rule", "cause"], registry=registry)
         self.open_alerts = Gauge("protocol_monitor_open_alerts", "Alerts raised and not withdrawn",
                                  ["site", "severity"], registry=registry)
         self.event_to_alert = Histogram("protocol_monitor_event_to_alert_seconds",
@@ -51,11 +59,12 @@ class Metrics:
                                              registry=registry)
         self._known: dict[str, set[tuple[str, ...]]] = {}
 
-    def alert_published(self, alert: Alert, latency_s: float | None = None) -> None:
+    def alert_published(self, alert: Alert, latency_s: float | None = None, cause: str = "other") -> None:
         if alert.status == "raised":
             self.alerts_raised.labels(alert.site_id, alert.rule, alert.severity, alert.category).inc()
         else:
             self.alerts_retracted.labels(alert.site_id, alert.rule).inc()
+            self.alerts_withdrawn.labels(alert.rule, cause if cause in WITHDRAWAL_CAUSES else "other").inc()
         if latency_s is not None and latency_s >= 0:
             self.event_to_alert.observe(latency_s)
 

@@ -12,12 +12,21 @@ on are sent again only after the alerts topic was read back (so none is publishe
 only once every alert and dead letter of their batch is acknowledged. On SIGTERM while holding, the service stops
 without committing: at restart the batch is read and its alerts derived again.
 
-Time: in `wall` mode the processing time of an event is its broker timestamp and, between events, the wall clock,
-so a missed H12 escalation is alerted within `tick_seconds` of deadline + grace. In `stream` mode it is the events'
-`recorded_at` (replaying history through Kafka). On partition assignment the subjects of those partitions are
-rebuilt by reading the partitions from the beginning: up to the group's committed offset the history is loaded
-without evaluating each batch and each subject is evaluated once, taking over what the alerts topic holds; the rest
-is processed batch by batch, as live. On revocation they are dropped.
+Time: one clock per partition (a subject lives in one partition): each subject's deadlines follow its own
+partition. In `wall` mode a partition's clock is the broker timestamp of its last record while it has a backlog
+(never ahead of the wall clock) and the wall clock once it is caught up, so a missed H12 escalation is alerted
+within `tick_seconds` of deadline + grace, and catching up after an outage raises no deadline whose satisfying
+record waits in the backlog. In `stream` mode it is the partition's `recorded_at` (replaying history through Kafka);
+a caught-up partition quiet for `idle_partition_seconds` follows the most advanced one.
+
+Rebuild: on partition assignment the subjects of those partitions are rebuilt by reading the partitions from the
+beginning: up to the group's committed offset the history is loaded without evaluating each batch and each subject
+is evaluated once, taking over what the alerts topic held at that offset (each alert record carries the commit
+position of the batch that produced it); the rest is processed batch by batch, as live: the alerts the previous
+owner published past its commit are derived again under the same ids and not published again, and once those
+records are read, whatever this pass did otherwise is made to agree with the topic (`Monitor.settle`). The rebuild's end is never below the committed offset nor the fetch's
+high watermark (a ListOffsets answer may be short), offsets are never committed backwards, and the service is ready
+once every assigned partition is rebuilt (an empty one at once). On revocation they are dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +47,7 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from connectors.base import AlertSink, RawRecord, RejectSink
 from monitor.alerts import Alert
-from monitor.clock import ReplayClock
+from monitor.clock import PartitionClocks, ReplayClock
 from monitor.config import Settings
 from monitor.errors import EventRejected, MonitorError, RuleFileError, SinkUnavailable, SinkWaiting
 from monitor.evaluator import Monitor
@@ -72,6 +81,16 @@ class ServiceState:
     ready: bool = False
 
 
+class _Either:
+    """Membership in either of two collections, without copying the large one."""
+
+    def __init__(self, a: Container[tuple[str, str]], b: Container[tuple[str, str]]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.a or item in self.b
+
+
 @dataclass
 class _Outbox:
     """One batch's results not yet safely out: its alerts and dead letters to be acknowledged, then its offsets."""
@@ -88,7 +107,7 @@ class _Outbox:
 
 
 class MonitorService:
-    def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock, alerts: AlertSink,
+    def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock | None, alerts: AlertSink,
                  dead_letters: RejectSink, published: set[tuple[str, str]],
                  on_alert: Callable[[Alert], None] | None = None,
                  refresh_published: Callable[[], set[tuple[str, str]]] | None = None,
@@ -97,7 +116,17 @@ class MonitorService:
         self.metrics = metrics
         self.refresh_published = refresh_published
         self.monitor = monitor
-        self.clock = clock
+        # one processing clock per partition (issue 16): each subject's deadlines follow its own partition only
+        self.clocks = PartitionClocks()
+        monitor.clock = self.clocks
+        self._last_record_at: dict[TopicPartition, float] = {}  # monotonic time a partition last gave a record
+        self._committed: dict[TopicPartition, int] = {}  # per partition: offsets are never committed below this
+        # rebuilding partitions whose records up to this offset the previous owner published alerts for (the
+        # highest commit position on the alerts topic): once they are read again, the topic and the alert book are
+        # made to agree where this pass went otherwise (`Monitor.settle`); ready only after
+        self._settle_at: dict[TopicPartition, int] = {}
+        self._withdrawal_cause: dict[str, str] = {}  # alert_id -> why, until the withdrawal is published
+        self._end_checked: set[TopicPartition] = set()  # rebuild boundary raised to the first fetch's high watermark
         self.alerts = alerts
         self.dead_letters = dead_letters
         self.published = published
@@ -105,7 +134,8 @@ class MonitorService:
         self.state = ServiceState()
         self.source = None  # set by attach()
         self._newly_assigned: list[TopicPartition] = []
-        self._open_published: dict[str, list[Alert]] = {}  # by subject, read back while partitions rebuild
+        self._open_published: dict[str, list[Alert]] = {}  # by subject, open on the topic when read back
+        self._read_back: Collection[tuple[str, str]] | None = None  # the last read-back of the alerts topic
         self._gauges_at = 0.0
         self.reload_requested = threading.Event()
         self.audit_store: Any = None  # an AlertStore when configured: rules loads and switches are audited
@@ -133,6 +163,11 @@ class MonitorService:
                 self.monitor.drop_subject(subject)
             self.state.rebuild_until.pop(tp, None)
             self.state.bulk_until.pop(tp, None)
+            self._committed.pop(tp, None)
+            self._settle_at.pop(tp, None)
+            self._end_checked.discard(tp)
+            self._last_record_at.pop(tp, None)
+            self.clocks.drop(tp)
             if tp in self._newly_assigned:
                 self._newly_assigned.remove(tp)
         if tps:
@@ -147,6 +182,7 @@ class MonitorService:
         if self.refresh_published is not None:  # another instance may have published for these subjects
             fresh = self.refresh_published()
             self.published |= fresh
+            self._read_back = fresh  # by subject: a rebuilt subject's occurrence numbers continue after them
             self._open_published = {}
             for record in getattr(fresh, "open", {}).values():
                 alert = Alert.model_validate(record)
@@ -154,16 +190,32 @@ class MonitorService:
             if self.site_risk is not None and self.site_risk.raise_alerts:  # open QTL breaches: taken over
                 self.site_risk.qtl_book.adopt(self._open_published.get("trial", []))
         ends = self.source.end_offsets(tps)
+        highwater = getattr(self.source, "highwater", None)
         self._newly_assigned = [tp for tp in self._newly_assigned if tp not in tps]
+        total = 0
         for tp in tps:
-            self.state.rebuild_until[tp] = ends.get(tp, 0)
             self.state.subjects_by_partition.setdefault(tp, set())
-            boundary = self._bulk_boundary(tp, ends.get(tp, 0))
-            if boundary > 0:
-                self.state.bulk_until[tp] = boundary
+            committed = self._bulk_boundary(tp, ends.get(tp, 0))
+            self._committed[tp] = committed
+            after = getattr(self._read_back, "after", None)
+            tail = after(tp.partition, committed) if after is not None else None
+            if tail is not None or committed > 0:  # see `_finish_rebuild` and `Monitor.settle`
+                self._settle_at[tp] = tail if tail is not None else committed
+            # ListOffsets may answer below the true end (ENGINE_NOTES: Tansu) and so below the committed offset:
+            # the rebuild never stops before the committed offset, nor before the last fetch's high watermark
+            end = max(ends.get(tp) or 0, committed, (highwater(tp) if highwater is not None else None) or 0)
+            total += end
+            if end > 0:
+                self.state.rebuild_until[tp] = end
+            else:  # an empty partition has nothing to rebuild: it is rebuilt now (it must not block readiness)
+                self.state.rebuild_until.pop(tp, None)
+            if committed > 0:
+                self.state.bulk_until[tp] = committed
+            self._end_checked.discard(tp)
         self.source.seek_to_beginning(tps)
         log.info("assigned partitions %s; rebuilding their subjects from the beginning (%d records)",
-                 sorted(t.partition for t in tps), sum(ends.values()))
+                 sorted(t.partition for t in tps), total)
+        self._update_ready()
         return set(tps)
 
     def _bulk_boundary(self, tp: TopicPartition, end: int) -> int:
@@ -177,12 +229,24 @@ class MonitorService:
 
     def _finish_rebuild(self, tp: TopicPartition) -> list[tuple[Alert, int | None]]:
         """A partition's history is loaded: evaluate its subjects once, adopting what was already published."""
-        del self.state.bulk_until[tp]
+        boundary = self.state.bulk_until.pop(tp)
         started = time.monotonic()
         subjects = self.state.subjects_by_partition.get(tp, set())
-        alerts = self.monitor.evaluate_rebuilt(subjects, published=self.published, open_alerts=self._open_published)
-        if not self.state.bulk_until:
-            self._open_published = {}
+        # Adopt the topic as it stood at the committed offset: the alerts published with a higher commit position
+        # come from records read again next, which derive them again under the same ids (occurrence numbers
+        # continue those published up to the commit), so they are neither withdrawn nor published twice. Open
+        # alerts the state at the commit does not hold are withdrawn now. (Deferring that withdrawal until a later
+        # match claimed the alert joined two occurrences when the state at the commit differed from the previous
+        # owner's: test_faults' restart ended with ids a clean run does not have.)
+        as_of = getattr(self._read_back, "as_of", None)
+        if as_of is not None:
+            view = as_of(tp.partition, boundary)
+            published: Any = view
+            open_alerts = {s: [Alert.model_validate(r) for r in view.open_for(s)] for s in subjects}
+        else:
+            published = self._read_back if self._read_back is not None else self.published
+            open_alerts = self._open_published
+        alerts = self.monitor.evaluate_rebuilt(subjects, published=published, open_alerts=open_alerts)
         log.info("partition %d rebuilt: %d subjects evaluated in %.2f s", tp.partition, len(subjects),
                  time.monotonic() - started)
         return [(a, None) for a in alerts]
@@ -203,10 +267,15 @@ class MonitorService:
 
         def flush_batch() -> None:
             if batch:
-                produced.extend((a, batch_ts[0]) for a in self.monitor.ingest(list(batch)))
+                held = {item[0].event_id for item in batch if item[0].subject_id in self.monitor.subjects
+                        and item[0].event_id in self.monitor.subjects[item[0].subject_id].events}
+                out = self.monitor.ingest(list(batch))
+                self._note_withdrawals(out, batch=batch, held=held)
+                produced.extend((a, batch_ts[0]) for a in out)
                 self._dead_letter_failures()
                 batch.clear()
 
+        self._raise_rebuild_ends()
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
             offsets[tp] = int(rec.offset) + 1  # type: ignore[arg-type]
@@ -229,6 +298,8 @@ class MonitorService:
             if self.metrics is not None:
                 self.metrics.events_consumed.labels(event.site_id, event.type).inc()
             self.state.subjects_by_partition.setdefault(tp, set()).add(event.subject_id)
+            self.monitor.lanes[event.subject_id] = tp
+            self._last_record_at[tp] = time.monotonic()
             if tp in self.state.bulk_until:  # rebuilding: load history quietly up to the boundary
                 if rec.offset < self.state.bulk_until[tp]:  # type: ignore[operator]
                     self._advance(rec, event.recorded_at)
@@ -236,29 +307,78 @@ class MonitorService:
                                                         "offset": rec.offset}))
                     continue
                 flush_batch()
-                produced.extend(self._finish_rebuild(tp))
-            if batch and batch[0][0].recorded_at != event.recorded_at:
-                flush_batch()
+                produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
+            if batch and (batch[0][0].recorded_at != event.recorded_at or batch[0][2]["partition"] != rec.partition
+                          or batch[0][2]["topic"] != rec.topic):
+                flush_batch()  # a batch stays within one partition: its clock is the one its subjects follow
             if not batch:
                 self._advance(rec, event.recorded_at)
-                produced.extend((a, None) for a in self.monitor.tick())
+                produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
             batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
                           rec))
             batch_ts[0] = rec.timestamp_ms
         flush_batch()
         for tp in [t for t in self.state.bulk_until if offsets.get(t, 0) >= self.state.bulk_until[t]]:
-            produced.extend(self._finish_rebuild(tp))
-        if self.settings.clock == "wall":
-            self.clock.advance_to(dt.datetime.now(dt.timezone.utc))
-        produced.extend((a, None) for a in self.monitor.tick())
+            produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
+        for tp in [t for t, end in self._settle_at.items() if t not in self.state.bulk_until
+                   and (offsets.get(t, 0) >= end or t not in self.state.rebuild_until)]:
+            del self._settle_at[tp]
+            if getattr(self._read_back, "for_subject", None) is None:  # no read-back with subjects: nothing known
+                continue
+            # what this batch publishes counts as on the topic: a withdrawal made at the rebuild's end in this very
+            # batch must not be made again
+            pending = {(a.alert_id, a.status) for a, _ in produced}
+            settled = self.monitor.settle(self.state.subjects_by_partition.get(tp, ()), seen=self._read_back,
+                                          on_topic=_Either(self.published, pending),
+                                          topic_open=self._open_published)
+            produced.extend((a, None) for a in self._note_withdrawals(settled, cause="recovery"))
+        self._advance_idle()
+        produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
         self._dead_letter_failures()
         for tp, off in fhir_offsets.items():  # a FHIR record that gave no event is still consumed
             offsets[tp] = max(offsets.get(tp, 0), off)
         if self.site_risk is not None and self.state.ready and self.site_risk.due():  # QTL breaches: same path
             produced.extend((a, None) for a in self.site_risk.recompute(self.monitor))
-        self._outbox = _Outbox(alerts=produced, offsets=offsets)
+        self._outbox = _Outbox(alerts=self._positioned(produced, offsets), offsets=offsets)
         self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
+
+    def _positioned(self, produced: list[tuple[Alert, int | None]],
+                    offsets: dict[TopicPartition, int]) -> list[tuple[Alert, int | None]]:
+        """Each alert carries its commit position: its subject's events partition and the offset committed with
+        this batch there (or already committed, if the batch read nothing from it). A new owner committed below
+        it reads that batch again (`PublishedAlerts.as_of`)."""
+        out = []
+        for alert, ts in produced:
+            tp = self.monitor.lanes.get(alert.subject_id)
+            if isinstance(tp, TopicPartition):
+                at = max(offsets.get(tp, 0), self._committed.get(tp, 0))
+                alert = alert.model_copy(update={"commit_position": (tp.partition, at)})
+            out.append((alert, ts))
+        return out
+
+    def _note_withdrawals(self, alerts: list[Any], *, cause: str | None = None, batch: list[Any] | None = None,
+                          held: set[str] | None = None) -> list[Any]:
+        """Remember why each withdrawal happened, for the `alerts_withdrawn` metric (flapping made visible). From a
+        batch of records: `amendment` if one of the subject's records corrects a held one, `late_data` if one
+        happened before the alert's deadline + grace (it arrived after the alert), else `new_data`."""
+        for item in alerts:
+            alert = item[0] if isinstance(item, tuple) else item
+            if alert.status != "retracted":
+                continue
+            why = cause or "new_data"
+            if batch is not None:
+                mine = [entry[0] for entry in batch if entry[0].subject_id == alert.subject_id]
+                try:
+                    judged = dt.datetime.fromisoformat(alert.at) + self.monitor.grace
+                except (TypeError, ValueError):
+                    judged = None
+                if any(e.event_id in (held or set()) for e in mine):
+                    why = "amendment"
+                elif judged is not None and any(e.occurred_at <= judged for e in mine):
+                    why = "late_data"
+            self._withdrawal_cause[alert.alert_id] = why
+        return alerts
 
     def _from_fhir(self, records: list[RawRecord]) -> tuple[list[RawRecord], dict[TopicPartition, int]]:
         """Map FHIR records to flat ones; refusals go to the dead letters with the original bytes, ignored
@@ -308,11 +428,63 @@ class MonitorService:
                 if self.site_risk is not None:
                     self.site_risk.intake.dead_lettered(rec.value)
 
+    def _raise_rebuild_ends(self) -> None:
+        """Once a rebuilding partition's first fetch answered, its boundary is at least that high watermark (a
+        ListOffsets answer may be short: ENGINE_NOTES)."""
+        highwater = getattr(self.source, "highwater", None)
+        if highwater is None:
+            return
+        for tp in [t for t in self.state.rebuild_until if t not in self._end_checked]:
+            hw = highwater(tp)
+            if hw is None:
+                continue
+            self._end_checked.add(tp)
+            if hw > self.state.rebuild_until[tp]:
+                self.state.rebuild_until[tp] = hw
+
     def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
-        if self.settings.clock == "stream" or rec.timestamp_ms is None or rec.timestamp_ms < 0:
-            self.clock.advance_to(recorded_at)
+        """Move the record's partition clock. `stream`: the record's `recorded_at`. `wall`: its broker timestamp
+        (the partition has a backlog while records are read), never ahead of the wall clock: a producer whose
+        clock runs ahead (CreateTime) cannot fire deadlines early. A record without a timestamp counts as now."""
+        tp = TopicPartition(rec.topic, rec.partition)
+        if self.settings.clock == "stream":
+            self.clocks.advance(tp, recorded_at)
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        if rec.timestamp_ms is None or rec.timestamp_ms < 0:
+            self.clocks.advance(tp, now)
         else:
-            self.clock.advance_to(dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc))
+            self.clocks.advance(tp, min(now, dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.timezone.utc)))
+
+    def _caught_up(self) -> list[TopicPartition]:
+        """Assigned partitions with nothing left to read (lag 0 at the last fetch), not rebuilding."""
+        if self.source is None:
+            return []
+        lag_of = getattr(self.source, "lag", None)
+        lags = lag_of() if lag_of is not None else {}
+        highwater = getattr(self.source, "highwater", None)
+        return [tp for tp in self.source.assignment()
+                if lags.get(tp, 0) <= 0 and tp not in self._newly_assigned and tp not in self.state.bulk_until
+                and tp not in self.state.rebuild_until
+                and (highwater is None or highwater(tp) is not None)]  # no fetch answered yet: not caught up
+
+    def _advance_idle(self) -> None:
+        """Partitions with no backlog. `wall`: their clock is the wall clock. `stream`: a partition that has
+        received nothing for `idle_partition_seconds` follows the most advanced partition (as Flink marks an idle
+        source), so a quiet partition never keeps its subjects' deadlines waiting for ever."""
+        if self.settings.clock == "wall":
+            now = dt.datetime.now(dt.timezone.utc)
+            for tp in self._caught_up():
+                self.clocks.advance(tp, now)
+            return
+        lanes = self.clocks.lanes()
+        if not lanes:
+            return
+        latest = max(lanes.values())
+        quiet_since = time.monotonic() - self.settings.idle_partition_seconds
+        for tp in self._caught_up():
+            if self._last_record_at.setdefault(tp, time.monotonic()) <= quiet_since:
+                self.clocks.advance(tp, latest)
 
     # ---- getting a batch out: alerts, dead letters, then offsets ---------------------------------------------------
     def _settle(self) -> bool:
@@ -365,10 +537,17 @@ class MonitorService:
             box.resend, box.added = False, False
         if not box.added:
             box.fresh = []
+            taken: set[tuple[str, str]] = set()
             for alert, ts in box.alerts:
-                if (alert.alert_id, alert.status) in self.published:
+                pair = (alert.alert_id, alert.status)
+                if pair in taken:  # never twice in one batch either
+                    continue
+                taken.add(pair)
+                if pair in self.published:
                     if box.attempts == 1:
                         self.stats["alerts_suppressed"] += 1
+                    if alert.status == "retracted":
+                        self._withdrawal_cause.pop(alert.alert_id, None)
                     continue
                 box.fresh.append((alert, ts))
             box.added = True
@@ -388,7 +567,9 @@ class MonitorService:
                 self.published.add((alert.alert_id, alert.status))
             self.stats["alerts_published"] += 1
             if self.metrics is not None:
-                self.metrics.alert_published(alert, (now_ms - ts) / 1000 if ts and ts > 0 else None)
+                cause = (self._withdrawal_cause.pop(alert.alert_id, "other") if alert.status == "retracted"
+                         else "other")
+                self.metrics.alert_published(alert, (now_ms - ts) / 1000 if ts and ts > 0 else None, cause=cause)
             if self.on_alert is not None:
                 self.on_alert(alert)
 
@@ -410,20 +591,37 @@ class MonitorService:
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if self.source is None:
             return
-        done = {tp: off for tp, off in offsets.items() if off >= self.state.rebuild_until.get(tp, 0)}
+        # records read again below the committed offset (a rebuild) are never committed: offsets only go forward
+        done = {tp: off for tp, off in offsets.items() if off > self._committed.get(tp, 0)}
+        backwards = {tp: (off, self._committed[tp]) for tp, off in done.items()
+                     if tp in self._committed and off < self._committed[tp]}
+        if backwards:  # cannot happen after the filter above; a guard so that no change can ever make it happen
+            raise RuntimeError(f"refusing to commit offsets backwards (offset, committed): {backwards}")
         try:
             self.source.commit(done)
         except CommitFailedError as exc:  # the group rebalanced meanwhile: the new owner rebuilds these partitions
             log.warning("offset commit refused after a rebalance (%s); the partitions' new owner reads them again "
                         "from the beginning and publishes nothing twice", exc)
+        else:
+            self._committed.update(done)
         for tp in list(self.state.rebuild_until):
             if tp in offsets and offsets[tp] >= self.state.rebuild_until[tp]:
                 del self.state.rebuild_until[tp]
+        self._update_ready()
+
+    def _update_ready(self) -> None:
+        """Ready means rebuilt: every assigned partition read up to its rebuild boundary (empty ones at once)."""
+        if self.source is None:
+            return
         was_ready = self.state.ready
-        self.state.ready = (not self.state.rebuild_until and not self._newly_assigned
-                            and bool(self.source.assignment()))
+        self.state.ready = (not self.state.rebuild_until and not self.state.bulk_until and not self._newly_assigned
+                            and not self._settle_at and bool(self.source.assignment()))
         if self.state.ready and not was_ready and self.refresh_published is not None:
-            self.published.clear()  # read back for the rebuild; read again at the next assignment or reload
+            # read back for the rebuild; read again at the next assignment or reload (rebound, not cleared: the
+            # alert book keeps each adopted subject's own pairs)
+            self.published = set()
+            self._read_back = None
+            self._open_published = {}
 
     metrics_server: Any = None
 
@@ -480,7 +678,8 @@ class MonitorService:
                           "in force, send SIGHUP to retry", exc, old.rules.version)
                 return False
         started = time.monotonic()
-        new = Monitor.create(rules=rules, clock=self.clock, max_events_per_subject=old.max_events_per_subject)
+        new = Monitor.create(rules=rules, clock=self.clocks, max_events_per_subject=old.max_events_per_subject)
+        new.lanes.update(old.lanes)
         # Each subject's stored history is loaded and evaluated once, at its end state, as a recovery does: the
         # facts are a function of the history and the clock, so the end state is that of a batch-by-batch rebuild,
         # and the book below is matched to the old one by condition (take_over), not by the path that led there.
@@ -498,7 +697,7 @@ class MonitorService:
                 new.subjects[subject_id].site_id = state.site_id
         if self.published:  # what the topic holds, so a raise under the new rules never reuses a published id
             new.book.take_published(self.published)
-        taken = new.book.take_over(old.book, detected_at=self.clock.now().isoformat(), version=rules.version)
+        taken = new.book.take_over(old.book, detected_at=self.clocks.now().isoformat(), version=rules.version)
         changes: list[tuple[Alert, int | None]] = [(a, None) for a in taken]
         raised_n = sum(a.status == "raised" for a in taken)
         withdrawn_n = len(taken) - raised_n
@@ -516,7 +715,8 @@ class MonitorService:
         self.monitor = new
         if self.site_risk is not None and rules.kri is not None:
             self.site_risk.spec = rules.kri  # an edited kri.yaml applies from the next recomputation
-        self._outbox = _Outbox(alerts=changes, offsets={})
+        self._note_withdrawals(changes, cause="rules_change")
+        self._outbox = _Outbox(alerts=self._positioned(changes, {}), offsets={})
         self._settle()  # held and retried by run() if the broker does not acknowledge
         if self.metrics is not None:
             self.metrics.rules.info({"version": rules.version})
@@ -556,6 +756,10 @@ class MonitorService:
             return
         if self.reload_requested.is_set() or self._rules_changed():
             self.reload_requested.clear()
+            # the files read now are the watcher's reference: a SIGHUP reload is not followed by the watcher
+            # loading (or refusing) the same files a second time
+            self._rules_fingerprint = _fingerprint(self.monitor.rules.directory)
+            self._watched_at = time.monotonic()
             self.reload_rules()
             return
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 import pytest
@@ -16,12 +15,6 @@ from monitor.evaluator import Monitor
 from monitor.replay import replay
 from monitor.rules import RuleSet, load_rules
 from tests.support.pgtools import TempPostgres
-from tests.support import kafkatools, tcpproxy
-
-# Issue 19 moved these to tests/support/. Branches opened before the move still import the old paths (test_faults.py,
-# the catch-up tests): they resolve to the same modules while pytest runs. Remove once nothing imports them.
-sys.modules.setdefault("tests.connectors.kafkatools", kafkatools)
-sys.modules.setdefault("tests.connectors.tcpproxy", tcpproxy)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SCENARIOS = sorted((SHARED / "scenarios").glob("*.jsonl"))

@@ -16,10 +16,10 @@ from kafka import KafkaProducer
 from monitor.broker import LocalBroker, free_port
 from monitor.generate import generate
 from tests.conftest import SHARED, load_scenario
-from tests.connectors.kafkatools import (
+from tests.support.kafkatools import (
     ServiceProcess, alert_records, committed_offsets, create_topics, end_offsets, events_as_records, produce,
     read_topic, wait_until_consumed)
-from tests.connectors.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy
 
 
 def status(url: str) -> int:

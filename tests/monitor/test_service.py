@@ -273,3 +273,48 @@ def test_an_audit_store_that_cannot_be_written_keeps_the_rules_in_force_and_the_
     assert svc.reload_rules() is True and svc.monitor.rules.version != version
     assert [e.action for e in store.audit_entries()].count("rules_switched") == 1 and store.verify_audit() == []
     store.close()
+
+
+def test_withdrawals_are_counted_by_rule_and_cause_without_subject_ids():
+    """Flapping is visible (issue 16): scenario 21's H12 alert is withdrawn by a dose charted 3 days late."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from monitor.metrics import Metrics
+
+    svc, source, alerts, dead = service([RECORDS])
+    svc.metrics = Metrics(registry=CollectorRegistry())
+    svc.run_once(threading.Event())
+    text = generate_latest(svc.metrics.registry).decode()
+    assert ('protocol_monitor_alerts_withdrawn_total{cause="late_data",rule="DOSE-H12-MISSED-ESCALATION"} 1.0'
+            in text), [line for line in text.splitlines() if "withdrawn" in line]
+    assert "ANA-021" not in text
+
+
+def test_a_record_stamped_in_the_future_does_not_move_the_wall_clock_past_now():
+    """Clock skew (issue 16): a producer whose clock runs 3 days ahead (CreateTime) must not fire deadlines early.
+    In `wall` mode a partition's clock is its records' broker timestamps while it has a backlog, but never ahead
+    of the wall clock. Scenario 04 up to T0 + 4 h, moved so its last record is an hour old: the H12 escalation is
+    not due for hours, and nothing is raised for it."""
+    import datetime as dt
+
+    from tests.support.kafkatools import shift_events
+
+    _, events = load_scenario(SHARED / "scenarios" / "04_missed_escalation_h12.jsonl")
+    events = [e for e in events if e["recorded_at"] <= "2025-02-10T12:42:00+01:00"]
+    now = dt.datetime.now(dt.timezone.utc)
+    last = max(dt.datetime.fromisoformat(e["recorded_at"]) for e in events)
+    events = shift_events(events, (now - dt.timedelta(hours=1) - last) / dt.timedelta(days=1))
+    future_ms = int((now + dt.timedelta(days=3)).timestamp() * 1000)
+    records = [RawRecord(value=json.dumps(e).encode(), origin=f"events/0@{i}", topic="events", partition=0,
+                         offset=i, timestamp_ms=future_ms) for i, e in enumerate(events)]
+    clock = ReplayClock()
+    alerts = Topic()
+    svc = MonitorService(settings=Settings(clock="wall", rules_watch_seconds=0), clock=clock, alerts=alerts,
+                         dead_letters=Topic(), monitor=Monitor.create(rules=load_rules(), clock=clock),
+                         published=set(), refresh_published=alerts.keys)
+    svc.attach(Source([records]))
+    svc.run_once(threading.Event())
+    assert svc.clocks.now_of(TP) <= dt.datetime.now(dt.timezone.utc)
+    early = [(a.rule, a.at) for a in alerts.records if dt.datetime.fromisoformat(a.at) + dt.timedelta(hours=2) > now]
+    assert not early, f"deadlines fired by a timestamp from the future: {early}"
+    assert svc.monitor.deadlines.pending(), "the H12 deadline waits for its time"

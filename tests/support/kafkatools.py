@@ -56,8 +56,9 @@ def read_topic(bootstrap: str, topic: str, *, until: Any = None, timeout_s: floa
         while time.monotonic() < deadline:
             for msgs in consumer.poll(timeout_ms=300).values():
                 out.extend(msgs)
-            ends = consumer.end_offsets(tps)
-            caught_up = all(consumer.position(tp) >= ends[tp] for tp in tps)
+            ends = consumer.end_offsets(tps)  # may be short on Tansu (ENGINE_NOTES): the high watermark is right
+            caught_up = all(consumer.highwater(tp) is not None
+                            and consumer.position(tp) >= max(ends[tp], consumer.highwater(tp) or 0) for tp in tps)
             if caught_up and (until is None or until(out)):
                 break
     finally:
@@ -145,8 +146,10 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         consumer.close(autocommit=False)
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+def end_offsets(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+    """The true end of each partition: the fetch responses' high watermark (Tansu's ListOffsets answers the last
+    batch's first offset + 1, ENGINE_NOTES), never below ListOffsets."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
         parts: set[int] = set()
         deadline = time.monotonic() + 10
@@ -155,7 +158,15 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
             parts = consumer.partitions_for_topic(topic) or set()
         assert parts, f"topic {topic} has no partitions"
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
+        listed = consumer.end_offsets(tps)
+        consumer.assign(tps)
+        for tp in tps:  # fetch from just below the listed end: the response carries the high watermark
+            consumer.seek(tp, max(0, listed[tp] - 1))
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.highwater(tp) is None for tp in tps) and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=200, max_records=1)
+        assert all(consumer.highwater(tp) is not None for tp in tps), "no fetch answered"
+        return {tp.partition: max(listed[tp], consumer.highwater(tp) or 0) for tp in tps}
     finally:
         consumer.close()
 
@@ -183,3 +194,49 @@ def same_local_clock(events: list[dict[str, Any]], days: int, zone: str = "Europ
                 if t.astimezone(tz).utcoffset() != (t + delta).astimezone(tz).utcoffset():
                     return False
     return True
+
+
+def produce_batched(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]],
+                    timestamps_ms: list[int] | None = None, **security: Any) -> None:
+    """A batching producer (linger, large batches): several records per record batch, the case where Tansu's
+    ListOffsets answers short (ENGINE_NOTES). `timestamps_ms`: CreateTime of each record (as if produced then)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256_000,
+                             max_request_size=8_000_000, **security)
+    for i, (key, value) in enumerate(records):
+        producer.send(topic, key=key, value=value,
+                      timestamp_ms=timestamps_ms[i] if timestamps_ms is not None else None)
+    producer.flush()
+    producer.close()
+
+
+def scenario_cohort(scenarios: list[Path], copies: int) -> list[dict[str, Any]]:
+    """The published scenarios copied `copies` times under new subject and event ids (issue 16's cohort: 3 copies
+    of the 35 scenarios = 153 subjects), as one feed in `recorded_at` order (a stable sort: a batch keeps its
+    order)."""
+    events: list[dict[str, Any]] = []
+    for path in scenarios:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for k in range(copies):
+            for line in lines[1:]:
+                e = json.loads(line)
+                e["subject_id"] = f"{e['subject_id']}-C{k}"
+                e["event_id"] = f"{e['event_id']}-C{k}"
+                events.append(e)
+    events.sort(key=lambda e: dt.datetime.fromisoformat(e["recorded_at"]))
+    return events
+
+
+def replay_alerts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What `protocol-monitor replay` of these events as one file publishes (alert records, in order)."""
+    from connectors.memory import ListSink, MemorySource
+    from monitor.clock import ReplayClock
+    from monitor.evaluator import Monitor
+    from monitor.replay import replay
+    from monitor.rules import load_rules
+
+    clock = ReplayClock()
+    monitor = Monitor.create(rules=load_rules(), clock=clock)
+    sink = ListSink()
+    replay(source=MemorySource(events=events), monitor=monitor, clock=clock, alerts=sink, rejects=ListSink(),
+           until=None)
+    return [json.loads(a.to_json()) for a in sink.items]
