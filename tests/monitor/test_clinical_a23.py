@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from monitor.engine import RulesEngine
+from monitor.facts import standard_catalogue
 from monitor.rules import DEFAULT_RULES_DIR, RuleSet, compile_condition
 from monitor.ruletest import Base, RuleTest, load_suite, run_test
 
@@ -91,7 +92,7 @@ RENAL = [
 ])
 def test_rule_thresholds_compare_with_the_spec_tolerance_in_the_engine(op, threshold, value, holds):
     problems: list[str] = []
-    expr = compile_condition({"value": {op: threshold}}, "baseline_lab", problems)
+    expr = compile_condition({"value": {op: threshold}}, standard_catalogue()["baseline_lab"], problems)
     assert not problems
     engine = RulesEngine(definition={"r": {"all": [{"m": expr}], "run": "r"}}, version=f"tol{op}{threshold}{holds}")
     engine.sync("s", {"f": {"value": value}})
