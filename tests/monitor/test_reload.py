@@ -106,7 +106,7 @@ def test_a_reload_changing_one_threshold_publishes_what_rules_diff_predicts(tmp_
     new = load_rules(rules_dir)
     stream = tmp_path / "events.jsonl"
     stream.write_text("".join(json.dumps(e) + "\n" for e in events))
-    until = svc.clock.now()
+    until = max(dt.datetime.fromisoformat(e["recorded_at"]) for e in events)  # the stream clock's end
     predicted = diff_rules(old=old, new=new, paths=[stream], until=until)
     assert predicted.added or predicted.removed, "the edit must change something for this test to mean anything"
 
