@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kafka import TopicPartition  # noqa: E402
+
 from connectors.memory import ListSink  # noqa: E402
 from monitor.clock import ReplayClock  # noqa: E402
 from monitor.config import Settings  # noqa: E402
@@ -41,20 +43,29 @@ def measure(*, subjects: int, days: int, seed: int) -> dict:
         monitor = Monitor.create(rules=load_rules(rules_dir), clock=clock)
         events = sorted(generate(subjects=subjects, days=days, seed=seed, sites=10, deviation_rate=0.1),
                         key=lambda e: e["recorded_at"])
-        for e in events:
-            monitor.load((parse_event(e), e))
-        clock.advance_to(parse_event(events[-1]).recorded_at)
-        monitor.evaluate_rebuilt(list(monitor.subjects), published=frozenset(), open_alerts={})
         alerts = ListSink()
         svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=alerts,
                              dead_letters=ListSink(), monitor=monitor, published=set())
+        lane = TopicPartition("events", 0)  # one partition holds every subject; its clock is the stream's end
+        for e in events:
+            event = parse_event(e)
+            monitor.lanes[event.subject_id] = lane
+            svc.clocks.advance(lane, event.recorded_at)
+            monitor.load((event, e))
+        monitor.evaluate_rebuilt(list(monitor.subjects), published=frozenset(), open_alerts={})
+        held = len(monitor.book.open_alerts())
         path = rules_dir / "parameters.yaml"
         path.write_text(path.read_text().replace("max_mg_per_kg_day: 8.0", "max_mg_per_kg_day: 7.0"))
         started = time.perf_counter()
         assert svc.reload_rules(), "the reload was refused"
         seconds = time.perf_counter() - started
         return {"subjects": subjects, "events": len(events), "reload_s": round(seconds, 2),
+                "open_alerts_before": held, "open_alerts_after": len(monitor_after(svc)),
                 "alert_records_published": len(alerts.items)}
+
+
+def monitor_after(svc: MonitorService) -> list:
+    return svc.monitor.book.open_alerts()
 
 
 def main() -> int:
