@@ -145,13 +145,16 @@ class AlertBook:
             self._occurrences[key] = max(n, self._occurrences.get(key, 0))
         for subject_id in sorted(set(self._open) | set(old._open)):
             mine, theirs = self._open.setdefault(subject_id, {}), old._open.get(subject_id, {})
-            for identity in sorted(set(theirs) - set(mine)):
+            # an alert the new rules raise at another instant or severity is withdrawn and raised as it now stands
+            moved = {i for i in set(mine) & set(theirs)
+                     if (mine[i].at, mine[i].severity) != (theirs[i].at, theirs[i].severity)}
+            for identity in sorted((set(theirs) - set(mine)) | moved):
                 gone = theirs[identity]
                 out.append(gone.model_copy(update={"status": "retracted", "retracts": gone.alert_id,
                                                    "detected_at": detected_at, "rule_version": version}))
-            for identity in sorted(set(mine) & set(theirs)):
+            for identity in sorted((set(mine) & set(theirs)) - moved):
                 mine[identity] = theirs[identity]
-            for identity in sorted(set(mine) - set(theirs)):
+            for identity in sorted((set(mine) - set(theirs)) | moved):
                 rule_id, fact_id = identity
                 key = (rule_id, subject_id, fact_id)
                 n = max(old._occurrences.get(key, 0), self._occurrences.get(key, 1) - 1)
@@ -172,13 +175,13 @@ class AlertBook:
         the book as it was."""
         book = self._open.get(subject_id, {})
         out: list[Alert] = []
-        gone = sorted(set(book) - matches)
+        gone = sorted((set(book) - matches) | {i for i in set(book) & matches if self._moved(book[i], i, facts, rules)})
         for identity in gone:
             old = book[identity]
             out.append(old.model_copy(update={"status": "retracted", "retracts": old.alert_id,
                                               "detected_at": detected_at, "rule_version": version}))
         raised: list[tuple[tuple[str, str], tuple[str, str, str], int, Alert]] = []
-        for identity in sorted(matches - set(book)):
+        for identity in sorted(matches - (set(book) - set(gone))):
             rule_id, fact_id = identity
             rule, fact = rules.get(rule_id), facts.get(fact_id)
             if rule is None or fact is None:
@@ -200,6 +203,17 @@ class AlertBook:
             book[identity] = alert
             out.append(alert)
         return out
+
+    @staticmethod
+    def _moved(alert: Alert, identity: tuple[str, str], facts: dict[str, Fact], rules: dict[str, Rule]) -> bool:
+        """The condition is still met, but a late or amended record moved the instant it is anchored to (a first
+        dose that moves T0 moves a visit window) or changed its severity: the open alert is withdrawn and raised
+        anew as it now stands, so that live output equals what a restart derives from the same records."""
+        rule, fact = rules.get(identity[0]), facts.get(identity[1])
+        if rule is None or fact is None:
+            return False
+        return (str(fact.values.get(rule.at_field(fact.name))) != alert.at
+                or rule.severity_for(fact.values) != alert.severity)
 
     def settle(self, subject_id: str, *, seen: Collection[tuple[str, str]], on_topic: Container[tuple[str, str]],
                topic_open: list[Alert]) -> bool:

@@ -1130,13 +1130,16 @@ class Deriver:
             for a, vals in others.items():
                 near = [(x, val) for x, val in vals if abs(x.occurred_at - e.occurred_at) <= window]
                 matching = [(x, val) for x, val in near if tests[a](val)]
-                if matching:
-                    met.append((a, matching[-1][0], matching[-1][1]))
+                if matching:  # the earliest: a later specimen of the same analyte adds nothing to the pattern
+                    met.append((a, matching[0][0], matching[0][1]))
             fw = sp.mas_fever_window_hours * H
             febrile = [r for r in v.readings_in(e.occurred_at - fw, e.occurred_at + fw) if v.febrile(r)]
             hit = ferritin > sp.mas_ferritin_above + nm.TOLERANCE and len(met) >= sp.mas_min_criteria and bool(febrile)
             if hit and not in_episode:
-                latest = max([e.occurred_at, *(x.occurred_at for _, x, _ in met)])
+                # the latest specimen the pattern needed: the instant it was first complete, which later
+                # specimens cannot move (the alert stays where it was raised as the episode goes on)
+                needed = sorted(x.occurred_at for _, x, _ in met)[:sp.mas_min_criteria]
+                latest = max([e.occurred_at, *needed])
                 yield Fact("lab_signal", f"mas:{e.event_id}",
                            {"at": _iso(latest), "signal": "mas", "analyte": "ferritin", "value": ferritin,
                             "grade": "critical", "criteria_met": float(len(met))},

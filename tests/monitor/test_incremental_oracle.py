@@ -200,11 +200,12 @@ def test_memoised_facts_equal_a_from_scratch_derivation_on_generated_cohorts_acr
     stream = data.draw(variants(_shifted(events, change - offset - t0)))
     stream.sort(key=lambda e: e["recorded_at"]) if data.draw(st.booleans(), label="sorted") else None
     monitor = run_checked(stream, rules, None)
-    # compared without `at`: an open alert keeps the `at` it was raised with when a later record moves its anchor
-    # (a late first dose moving T0 and with it a visit window), which a restart shows moved: a known limit (README)
-    live = sorted((a.rule, a.subject_id) for a in monitor.book.open_alerts())
+    # with `at`: a late record that moves an open alert's anchor (a late first dose moving T0, and with it a visit
+    # window) withdraws it and raises it at the moved instant, as a restart derives it
+    live = sorted((a.rule, a.subject_id, a.at, a.severity) for a in monitor.book.open_alerts())
 
-    assert sorted((a.rule, a.subject_id) for a in restart_alerts(stream, rules, monitor.clock.now())) == live
+    assert sorted((a.rule, a.subject_id, a.at, a.severity)
+                  for a in restart_alerts(stream, rules, monitor.clock.now())) == live
 
 
 @pytest.mark.skipif(not SCENARIOS, reason="published scenarios not found")
@@ -320,3 +321,30 @@ def test_temperature_index_equals_a_sorted_build(ops):
         (e.event_id, e.occurred_at, t.corrected_c) for e, t in valid]
     assert index.times == [e.occurred_at for e, _ in valid]
     assert index.rkeys == [(e.occurred_at, e.event_id) for e, _ in valid]
+
+
+@pytest.mark.skipif(not SCENARIOS, reason="published scenarios not found")
+@pytest.mark.parametrize("hours", [-30, 30])
+def test_a_late_first_dose_that_moves_an_open_alert_moves_it_live_as_after_a_restart(hours):
+    """The D30 visit was missed and its alert is open when the first dose is amended, at the end of the stream, to
+    a time a day or so away: T0 moves, and with it the visit window. Live, the open alert is withdrawn and raised
+    again at the moved instant, which is what a restart derives from the same records."""
+    from monitor.rules import load_rules
+    from tests.conftest import SHARED
+
+    rules = load_rules()
+    header, events = load_scenario(SHARED / "scenarios" / "26_missed_visit_window_d30.jsonl")
+    horizon = dt.datetime.fromisoformat(header["evaluation_horizon"])
+    first = min((e for e in events if e.get("drug") == "anakinra"), key=lambda e: e["occurred_at"])  # T0
+    amended = dict(first, recorded_at=max(e["recorded_at"] for e in events),
+                   occurred_at=(dt.datetime.fromisoformat(first["occurred_at"]) + dt.timedelta(hours=hours)).isoformat())
+    before = run_checked(events, rules, horizon)
+    was = {(a.rule, a.at) for a in before.book.open_alerts()}
+    stream = events + [amended]
+
+    monitor = run_checked(stream, rules, horizon)
+    live = sorted((a.rule, a.subject_id, a.at, a.severity) for a in monitor.book.open_alerts())
+
+    assert {(r, at) for r, _, at, _ in live} != was, "the amendment should move an open alert"
+    assert sorted((a.rule, a.subject_id, a.at, a.severity)
+                  for a in restart_alerts(stream, rules, monitor.clock.now())) == live
