@@ -89,7 +89,20 @@ def _engine_json_exact(value: Any, *, where: str) -> str:
     raise EngineError(f"{where}: a {type(value).__name__} can not be posted to the rules engine")
 
 
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+# the C encoder json.dumps builds at each call, built once (flat dicts of scalars only: no circularity check needed)
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_flat_encoder = (_c_make_encoder(None, _refuse, _encode_str, None, ":", ",", False, False, False)
+                 if _c_make_encoder is not None else None)
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def _encode_flat(value: dict[str, Any]) -> str:
+    return "".join(_flat_encoder(value, 0)) if _flat_encoder is not None else _encode(value)
 
 
 def engine_json(value: Any, *, where: str = "value") -> str:
@@ -112,7 +125,7 @@ def engine_json(value: Any, *, where: str = "value") -> str:
             elif t is not str and t is not bool and v is not None:
                 break
         else:
-            return _encode(value)
+            return _encode_flat(value)  # no ValueError: every float was checked finite above
     return _engine_json_exact(value, where=where)
 
 
@@ -127,9 +140,6 @@ def _message_json(fact: dict[str, Any], sid: str, fid: str) -> str:
 
 def _retraction(sid: str, fid: str) -> str:
     return f'{{"sid":{_encode_str(sid)},"id":{_encode_str(fid)}}}'
-
-
-_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 def _constant_only(expr: Any) -> bool:
