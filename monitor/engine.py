@@ -171,11 +171,13 @@ class _Ruleset(_dr.Ruleset):
 
     def __init__(self, name: str, host: Any, ruleset_definition: dict[str, Any]) -> None:  # noqa: D107
         self._actions = {}
+        self.runs: dict[str, str] = {}  # rule name -> its action name
         self._name = name
         self._host = host
         for rule_name, rule in ruleset_definition.items():
             action = rule.pop("run")
             self._actions[rule_name] = _dr.Promise(host.get_action(action))
+            self.runs[rule_name] = action
         self._handle = _native.create_ruleset(name, engine_json(ruleset_definition, where=f"ruleset {name}"))
         self._definition = ruleset_definition
 
@@ -315,12 +317,30 @@ class RulesEngine:
 
     # ---- facts ------------------------------------------------------------------------------------------------
     def _on_action(self, rule: str, c: Any) -> None:
+        """An action run by durable_rules' own dispatch (`Host.post` and the like; `sync` runs its actions itself)."""
         try:
             m = c.m
             self._fired.append((rule, str(m["sid"]), str(m["id"])))
         except Exception:  # an action must never fail silently inside the engine
             self.action_errors += 1
             log.exception("rule action %s failed", rule)
+
+    def _run_actions(self, ruleset: _Ruleset, state: int) -> None:
+        """Record every action the last engine call queued in the session, as `Ruleset.do_actions` would run them
+        (one at a time, each completed before the next is started), without its per-action state update: the
+        recording action never changes the session's state, and no compiled rule reads it."""
+        result = _native.start_action_for_state(ruleset._handle, state)
+        pending = result[1] if result else None
+        while pending:
+            for rule_name, message in json.loads(pending).items():
+                run = ruleset.runs.get(rule_name, rule_name)
+                try:
+                    m = message["m"]
+                    self._fired.append((run, str(m["sid"]), str(m["id"])))
+                except Exception:  # an action must never fail silently inside the engine
+                    self.action_errors += 1
+                    log.exception("rule action %s failed", run)
+            pending = _native.complete_and_start_action(ruleset._handle, state)
 
     def sync(self, subject_id: str, facts: dict[str, dict[str, Any]]) -> None:
         """`facts` may be a `Messages` whose `changed` names the only fact ids that can differ from the previous
@@ -373,16 +393,13 @@ class RulesEngine:
         a message that matches nothing or is already held, and answers for the whole array; any other failure
         leaves the session in a state this adapter does not know, so the subject gives it up (`discard`)."""
         ruleset = self._host.get_ruleset(name)
-        errors: list[BaseException] = []
         try:
             _code, state = fn(ruleset._handle, "[" + ",".join(texts) + "]")
-            ruleset.do_actions(state, lambda e, _state: errors.append(e) if e else None)
+            self._run_actions(ruleset, state)
         except Exception as exc:
-            errors.append(exc)
-        if errors:
             self.discard(subject_id)
             what = ids[0] if len(ids) == 1 else f"{len(ids)} facts ({ids[0]} ... {ids[-1]})"
-            raise EngineError(f"engine call {fn.__name__} failed on {what}: {errors[0]}") from errors[0]
+            raise EngineError(f"engine call {fn.__name__} failed on {what}: {exc}") from exc
 
     def matches(self, subject_id: str) -> set[tuple[str, str]]:
         return {(rule, fid) for fid, rules in self._matches.get(subject_id, {}).items() for rule in rules}
