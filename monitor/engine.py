@@ -16,7 +16,12 @@ It applies every workaround of ENGINE_NOTES:
 - facts and rule definitions reach the C parser as JSON written here (`engine_json`), not by `json.dumps`: the
   parser fails on an exponent with no fraction (`1e-05`, `1e+16`: error 204) and on `Infinity` (202), and silently
   never matches `NaN`. Every float is written exactly, with a fraction (`1.0e-05`); a non-finite number is an
-  EngineError naming the field, never posted.
+  EngineError naming the field, never posted;
+- a subject's new facts go to the engine in one `assert_facts` call (its retracted ones in one `retract_facts`), a
+  JSON array: the engine goes on past a message that matches nothing or that it already holds, and answers for the
+  whole array, so matches are attributed by the (sid, id) of each fired action and every asserted fact counts as
+  held. Checked on 2.0.28: a message it can not parse ends the array silently (the rest is dropped, the call
+  answers OK), so everything posted in a batch must come from `engine_json`.
 """
 
 from __future__ import annotations
@@ -70,18 +75,71 @@ def engine_number(value: float | int, *, where: str = "value") -> str:
     return text
 
 
-def engine_json(value: Any, *, where: str = "value") -> str:
-    """JSON for the engine's parser: like `json.dumps`, except every number goes through `engine_number`."""
+def _engine_json_exact(value: Any, *, where: str) -> str:
+    """The reference writer, value by value (`engine_json` falls back to it; the tests compare the two)."""
     if value is None or isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, (bool, int, float)):
         return engine_number(value, where=where)
     if isinstance(value, dict):
-        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{engine_json(v, where=f'{where}.{k}')}"
-                              for k, v in value.items()) + "}"
+        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:"
+                              f"{_engine_json_exact(v, where=f'{where}.{k}')}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(engine_json(v, where=f"{where}[{i}]") for i, v in enumerate(value)) + "]"
+        return "[" + ",".join(_engine_json_exact(v, where=f"{where}[{i}]") for i, v in enumerate(value)) + "]"
     raise EngineError(f"{where}: a {type(value).__name__} can not be posted to the rules engine")
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+# the C encoder json.dumps builds at each call, built once (flat dicts of scalars only: no circularity check needed)
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_flat_encoder = (_c_make_encoder(None, _refuse, _encode_str, None, ":", ",", False, False, False)
+                 if _c_make_encoder is not None else None)
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def _encode_flat(value: dict[str, Any]) -> str:
+    return "".join(_flat_encoder(value, 0)) if _flat_encoder is not None else _encode(value)
+
+
+def engine_json(value: Any, *, where: str = "value") -> str:
+    """JSON for the engine's parser: like `json.dumps` (compact), except every number goes through
+    `engine_number`. A flat dict of strings, booleans, None and numbers that Python writes as the engine reads them
+    (every fact, nearly always) is written by the C encoder in one call; anything else by the exact writer."""
+    if type(value) is dict:
+        for k, v in value.items():
+            t = type(v)
+            if type(k) is not str:
+                break
+            if t is float:
+                # repr() writes an exponent below 1e-4 and from 1e16 on (`1e-05`: the engine refuses it); the
+                # comparisons are false for NaN, and an infinity is at or above 1e16: the exact writer names it
+                if not (1e-4 <= v < 1e16 or -1e16 < v <= -1e-4 or v == 0.0):
+                    break
+            elif t is int:
+                if not -_INT_LIMIT < v < _INT_LIMIT:
+                    break
+            elif t is not str and t is not bool and v is not None:
+                break
+        else:
+            return _encode_flat(value)  # no ValueError: every float was checked finite above
+    return _engine_json_exact(value, where=where)
+
+
+def _message_json(fact: dict[str, Any], sid: str, fid: str) -> str:
+    """`engine_json(dict(fact, sid=sid, id=fid))` without copying the fact."""
+    if "sid" in fact or "id" in fact:
+        return engine_json(dict(fact, sid=sid, id=fid), where=f"fact {fid}")
+    body = engine_json(fact, where=f"fact {fid}")
+    tail = f'"sid":{_encode_str(sid)},"id":{_encode_str(fid)}}}'
+    return "{" + tail if body == "{}" else body[:-1] + "," + tail
+
+
+def _retraction(sid: str, fid: str) -> str:
+    return f'{{"sid":{_encode_str(sid)},"id":{_encode_str(fid)}}}'
 
 
 def _constant_only(expr: Any) -> bool:
@@ -113,11 +171,13 @@ class _Ruleset(_dr.Ruleset):
 
     def __init__(self, name: str, host: Any, ruleset_definition: dict[str, Any]) -> None:  # noqa: D107
         self._actions = {}
+        self.runs: dict[str, str] = {}  # rule name -> its action name
         self._name = name
         self._host = host
         for rule_name, rule in ruleset_definition.items():
             action = rule.pop("run")
             self._actions[rule_name] = _dr.Promise(host.get_action(action))
+            self.runs[rule_name] = action
         self._handle = _native.create_ruleset(name, engine_json(ruleset_definition, where=f"ruleset {name}"))
         self._definition = ruleset_definition
 
@@ -226,10 +286,13 @@ class RulesEngine:
         self._matches.pop(subject_id, None)
 
     def _evict(self, subject_id: str) -> tuple[str, str]:
-        name, sid = self._sids.pop(subject_id)
+        name, sid = self._sids[subject_id]
+        held = sorted(self._matches.get(subject_id, {}))  # every fact sync asserted and has not retracted
+        if held:
+            self._batch(subject_id, _native.retract_facts, name, [_retraction(sid, fid) for fid in held], held)
+        del self._sids[subject_id]
         self._asserted.pop(subject_id, None)
-        for fid in sorted(self._matches.pop(subject_id, {})):  # sync's rule: only handled facts were kept
-            self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
+        self._matches.pop(subject_id, None)
         return name, sid
 
     def _new_session(self) -> tuple[str, str]:
@@ -254,6 +317,7 @@ class RulesEngine:
 
     # ---- facts ------------------------------------------------------------------------------------------------
     def _on_action(self, rule: str, c: Any) -> None:
+        """An action run by durable_rules' own dispatch (`Host.post` and the like; `sync` runs its actions itself)."""
         try:
             m = c.m
             self._fired.append((rule, str(m["sid"]), str(m["id"])))
@@ -261,10 +325,32 @@ class RulesEngine:
             self.action_errors += 1
             log.exception("rule action %s failed", rule)
 
+    def _run_actions(self, ruleset: _Ruleset, state: int) -> None:
+        """Record every action the last engine call queued in the session, as `Ruleset.do_actions` would run them
+        (one at a time, each completed before the next is started), without its per-action state update: the
+        recording action never changes the session's state, and no compiled rule reads it."""
+        result = _native.start_action_for_state(ruleset._handle, state)
+        pending = result[1] if result else None
+        while pending:
+            for rule_name, message in json.loads(pending).items():
+                run = ruleset.runs.get(rule_name, rule_name)
+                try:
+                    m = message["m"]
+                    self._fired.append((run, str(m["sid"]), str(m["id"])))
+                except Exception:  # an action must never fail silently inside the engine
+                    self.action_errors += 1
+                    log.exception("rule action %s failed", run)
+            pending = _native.complete_and_start_action(ruleset._handle, state)
+
     def sync(self, subject_id: str, facts: dict[str, dict[str, Any]]) -> None:
         """`facts` may be a `Messages` whose `changed` names the only fact ids that can differ from the previous
         `sync` of this subject (None: any). A subject whose session was emptied since (evicted, released) is
-        synced in full whatever `changed` says."""
+        synced in full whatever `changed` says.
+
+        The facts that went are retracted in one engine call, the new ones asserted in another (one JSON array
+        each). A fact is kept as held (and retracted when it goes) whether or not it matched a rule: a batch
+        reports one result for all its messages, so whether the engine stored an unmatched one is not known, and
+        retracting a fact the engine does not hold changes nothing."""
         changed: set[str] | None = getattr(facts, "changed", None)
         name, sid = self.session_of(subject_id)
         held = self._asserted.get(subject_id)
@@ -273,35 +359,47 @@ class RulesEngine:
             changed = None
         matches = self._matches.setdefault(subject_id, {})
         ids = held if changed is None else [fid for fid in changed if fid in held]
-        gone = [fid for fid in ids if facts.get(fid) is not held[fid] and facts.get(fid) != held[fid]]
-        for fid in sorted(gone):
-            if matches.pop(fid, None) is not None:
-                self._call(self._host.retract_fact, name, {"sid": sid, "id": fid})
+        gone = sorted(fid for fid in ids if facts.get(fid) is not held[fid] and facts.get(fid) != held[fid])
+        retract = [fid for fid in gone if matches.pop(fid, None) is not None]
+        for fid in gone:
             del held[fid]
-        for fid in sorted(f for f in (facts if changed is None else changed) if f not in held and f in facts):
-            message = dict(facts[fid], sid=sid, id=fid)
-            self._fired.clear()
-            handled = self._call(self._host.assert_fact, name, message)
+        if retract:
+            self._batch(subject_id, _native.retract_facts, name, [_retraction(sid, fid) for fid in retract], retract)
+        new = sorted(f for f in (facts if changed is None else changed) if f not in held and f in facts)
+        if not new:
+            return
+        texts = [_message_json(facts[fid], sid, fid) for fid in new]  # refuses a bad number before any engine call
+        self._fired.clear()
+        self._batch(subject_id, _native.assert_facts, name, texts, new)
+        fired: dict[str, set[str]] = {fid: set() for fid in new}
+        stray = []
+        for rule, s, f in self._fired:
+            rules = fired.get(f) if s == sid else None
+            if rules is None:
+                stray.append((rule, s, f))
+            else:
+                rules.add(rule)
+        self._fired.clear()
+        if stray:
+            self.discard(subject_id)
+            raise EngineError(f"engine fired for another session or fact: {stray[:3]} (session isolation broken)")
+        for fid in new:
             held[fid] = facts[fid]  # callers pass messages they never change (Fact.message() is built once)
-            rules = {rule for rule, s, f in self._fired if s == sid and f == fid}
-            stray = [(r, s, f) for r, s, f in self._fired if s != sid or f != fid]
-            if stray:
-                raise EngineError(f"engine fired for another session or fact: {stray[:3]} (session isolation broken)")
-            if handled:
-                matches[fid] = rules
+        matches.update(fired)
 
-    def _call(self, fn: Callable[..., Any], name: str, message: dict[str, Any]) -> bool:
+    def _batch(self, subject_id: str, fn: Callable[[int, str], tuple[int, int]], name: str, texts: list[str],
+               ids: list[str]) -> None:
+        """One engine call on a JSON array of messages of one session, then its actions. The engine goes on past
+        a message that matches nothing or is already held, and answers for the whole array; any other failure
+        leaves the session in a state this adapter does not know, so the subject gives it up (`discard`)."""
+        ruleset = self._host.get_ruleset(name)
         try:
-            fn(name, message)
-            return True
-        except _dr.MessageNotHandledException:
-            return False
-        except _dr.MessageObservedException:
-            return True
-        except EngineError:
-            raise
+            _code, state = fn(ruleset._handle, "[" + ",".join(texts) + "]")
+            self._run_actions(ruleset, state)
         except Exception as exc:
-            raise EngineError(f"engine call {fn.__name__} failed on {message.get('id')}: {exc}") from exc
+            self.discard(subject_id)
+            what = ids[0] if len(ids) == 1 else f"{len(ids)} facts ({ids[0]} ... {ids[-1]})"
+            raise EngineError(f"engine call {fn.__name__} failed on {what}: {exc}") from exc
 
     def matches(self, subject_id: str) -> set[tuple[str, str]]:
         return {(rule, fid) for fid, rules in self._matches.get(subject_id, {}).items() for rule in rules}

@@ -8,6 +8,8 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import monitor.engine as engine_mod
 from monitor.engine import RulesEngine, check_definition, sid_hash
@@ -399,3 +401,90 @@ def test_numbers_across_magnitudes_compare_as_python_does():
     expected = {(f"r{i}{op}", f"lab:{j}") for i, t in enumerate(thresholds) for op, cmp in python.items()
                 for j, v in enumerate(values) if cmp(v, t)}
     assert got == expected
+
+
+# ---- (h) the fast writer and batches ---------------------------------------------------------------------------------
+
+
+def _edge_floats() -> list[float]:
+    """Where Python's repr switches to an exponent (1e-4, 1e16) and its neighbours, both signs."""
+    import math
+
+    edges = []
+    for edge in (1e-4, 1e16):
+        for v in (edge, math.nextafter(edge, 0), math.nextafter(edge, math.inf)):
+            edges += [v, -v]
+    return edges
+
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.text(), st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(_magnitudes() + _edge_floats()),
+    st.integers(), st.sampled_from([2**63 - 1, 2**63, -(2**63) + 1, -(2**63), 10**18, 10**19]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), _scalars, max_size=8))
+def test_engine_json_writes_a_fact_as_the_exact_writer_does(fact):
+    from monitor.engine import _engine_json_exact, _message_json, engine_json
+
+    assert engine_json(fact) == _engine_json_exact(fact, where="value")
+    assert _message_json(fact, "7", "f:1") == _engine_json_exact(dict(fact, sid="7", id="f:1"), where="value")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_the_fast_writer_refuses_a_non_finite_number_naming_the_field(bad):
+    from monitor.engine import engine_json
+
+    with pytest.raises(EngineError, match=r"fact x\.temp.*finite"):
+        engine_json({"fact": "vital", "temp": bad}, where="fact x")
+
+
+def test_a_fact_the_session_already_holds_does_not_stop_the_rest_of_its_batch():
+    e = make()
+    e.sync("A", {"f": lab(1.0)})
+    name, sid = e.session_of("A")
+    e._host.assert_fact(name, dict(lab(1.0), sid=sid, id="g"))  # held by the engine, unknown to the adapter
+    e.sync("A", {"f": lab(1.0), "g": lab(1.0), "h": lab(1.0), "i": lab(9.0)})
+    assert {("LOW", "f"), ("LOW", "h")} <= e.matches("A")
+    assert ("LOW", "i") not in e.matches("A")
+
+
+def test_a_failed_engine_call_gives_the_session_up(monkeypatch):
+    e = make(max_sessions=2)
+    e.sync("A", {"f": lab(1.0)})
+    first = e.session_of("A")
+
+    native = engine_mod._native
+
+    class Failing:
+        def __getattr__(self, name):
+            real = getattr(native, name)
+            if name != "assert_facts":
+                return real
+
+            def assert_facts(handle, text):
+                raise RuntimeError("Could not assert facts, error code: 204")
+
+            return assert_facts
+
+    monkeypatch.setattr(engine_mod, "_native", Failing())
+    with pytest.raises(EngineError, match=r"assert_facts failed on .*error code: 204"):
+        e.sync("A", {"f": lab(1.0), "g": lab(0.5)})
+    monkeypatch.setattr(engine_mod, "_native", native)
+    e.sync("A", {"f": lab(1.0), "g": lab(0.5)})
+    assert e.matches("A") == {("LOW", "f"), ("LOW", "g")}
+    assert e.session_of("A") != first
+    e.sync("B", {"f": lab(2.0)})
+    assert e.session_of("B") != first  # never handed to another subject
+
+
+def test_a_batch_holds_every_fact_whatever_its_strings_hold():
+    """The engine reads a batch message by message and silently drops the rest of it at the first message it can
+    not parse: every fact must arrive, with strings holding JSON's own punctuation."""
+    notes = ['a"b', "a\\b", "é中😀", "x\ny\t", "}{,][", 'a\\"}', "'", "\\u0041", "", "\u2028"]
+    e = make()
+    e.sync("A", {f"f{i},{{}}": dict(lab(1.0), note=note) for i, note in enumerate(notes)})
+    held = {f["id"]: f["note"] for f in e.engine_facts("A")}
+    assert held == {f"f{i},{{}}": note for i, note in enumerate(notes)}
+    assert e.matches("A") == {("LOW", f"f{i},{{}}") for i in range(len(notes))}
