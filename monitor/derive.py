@@ -346,7 +346,8 @@ class Deriver:
         self._drug_classes: dict[tuple[str, str | None], dict[str, Any]] = {}
         self._analytes = analyte_lookup(params)
         self._match_cache: dict[tuple[Any, ...], bool] = {}
-        self._inputs = {name: kinds | self.ALWAYS for name, kinds in self.INPUTS.items()}
+        self._inputs = {name: kinds | (self.ALWAYS_T0 if name in self.T0_ONLY else self.ALWAYS)
+                        for name, kinds in self.INPUTS.items()}
         self._temperature_filtered = frozenset({"_temperature_quality", *self.TEMPERATURE_WINDOWS})
 
     def view(self, state: Any, *, scratch: bool = False) -> SubjectView:
@@ -381,6 +382,14 @@ class Deriver:
         "_lab_signals": frozenset({"lab_result", "temperature"}),
     }
     ALWAYS = frozenset({"enrollment", "drug_administration"})
+
+    # Derivations that read drug administrations only through T0 (`t0`, `t0_id`, `reference_time`): a changed drug
+    # administration re-runs them only when T0 moved (another event, or another time), which `derive` reports as
+    # the input kind "t0". The others read the doses themselves (doses, courses, rescue, last escalation).
+    T0_ONLY = frozenset({"_weight", "_temperature_quality", "_unit_quality", "_baseline_labs", "_vaccines",
+                         "_assessments", "_fever_recurrence", "_visits", "_echoes", "_adverse_events",
+                         "_lab_signals"})
+    ALWAYS_T0 = frozenset({"enrollment", "t0"})
 
     def kind_of(self, event: Any) -> str:
         """The input kind of an event, for deciding which derivations a change affects."""
@@ -493,6 +502,11 @@ class Deriver:
         labs = [e for e, _ in changes if e.type == "lab_result"] if changes else []
         if v.changes:
             v._temperature_index  # brought up to date now, whichever derivations run
+        if memo is not None:
+            t0_key = (v.t0_id, v.t0)
+            if changed is not None and memo.get("_t0", memo) != t0_key:
+                changed = {*changed, "t0"}  # T0 moved (or unknown): the T0-only derivations re-run too
+            memo["_t0"] = t0_key
         for name in self.INPUTS:
             cached = memo.get(name) if memo is not None else None
             if cached is not None and changed is not None:
