@@ -1009,33 +1009,47 @@ class Deriver:
     def _visits(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.t0 is None:
             return
-        visits = v.ev.get("visit", [])
-        day_of = {e.event_id: nm.study_day(v.t0, e.occurred_at, v.zone) for e in visits}
+        zone = v.zone
+        first = nm.local_date(v.t0, zone)  # study day 1; a window closes at 00:00 local after its last day
+
+        def close_of(day: int) -> dt.datetime:
+            return dt.datetime.combine(first + dt.timedelta(days=day), dt.time(0, 0), tzinfo=zone)
+
+        def day_of(at: dt.datetime) -> int:
+            return (nm.local_date(at, zone) - first).days + 1  # nm.study_day
+
+        by_name: dict[str, list[tuple[int, Any]]] = {}
+        for e in v.ev.get("visit", []):
+            by_name.setdefault(e.visit.upper(), []).append((day_of(e.occurred_at), e))
         done: dict[str, list[Any]] = {}
         for name, w in self.p.visit_windows.items():
-            done[name] = [e for e in visits if e.visit.upper() == name.upper() and w.days[0] <= day_of[e.event_id] <= w.days[1]]
-            close = self._study_day_end(v, w.days[1])
+            lo, hi = w.days
+            done[name] = [e for day, e in by_name.get(name.upper(), ()) if lo <= day <= hi]
+            close = close_of(hi)
             if not deadline(close):
                 continue
-            first_day = nm.local_date(v.t0, v.zone) + dt.timedelta(days=w.days[0] - 1)
-            last_day = nm.local_date(v.t0, v.zone) + dt.timedelta(days=w.days[1] - 1)
+            first_day = first + dt.timedelta(days=lo - 1)
+            last_day = first + dt.timedelta(days=hi - 1)
             yield Fact("visit_window", name,
                        {"at": close.isoformat(), "visit": name, "done": bool(done[name]),
                         "missing_assessments": ", ".join(w.assessments),
                         "window_first_day": first_day.isoformat(), "window_last_day": last_day.isoformat()},
                        {"events": [v.t0_id, *[e.event_id for e in done[name]]]})
-        crp = [e for e in v.ev.get("lab_result", []) if v.analyte_of(e) == "CRP"]
-        echoes = v.ev.get("echocardiogram", [])
+        days: dict[str, list[int]] = {}  # the study days of the CRP results and of the echocardiograms, when needed
         for name, aw in self.p.assessment_windows.items():
-            close = self._study_day_end(v, aw.days[1])
+            close = close_of(aw.days[1])
             if not deadline(close):
                 continue
-            items = crp if aw.assessment == "CRP" else echoes
-            inside = [e for e in items if aw.days[0] <= nm.study_day(v.t0, e.occurred_at, v.zone) <= aw.days[1]]
+            kind = "CRP" if aw.assessment == "CRP" else "echo"
+            if kind not in days:
+                items = ([e for e in v.ev.get("lab_result", []) if v.analyte_of(e) == "CRP"] if kind == "CRP"
+                         else v.ev.get("echocardiogram", []))
+                days[kind] = [day_of(e.occurred_at) for e in items]
+            count = sum(1 for d in days[kind] if aw.days[0] <= d <= aw.days[1])
             visit_done = any(done.get(n) for n in aw.visits)
             yield Fact("assessment_window", name,
                        {"at": close.isoformat(), "window": name, "assessment": aw.assessment, "visit_done": visit_done,
-                        "count": float(len(inside))},
+                        "count": float(count)},
                        {"events": [v.t0_id, *[e.event_id for n in aw.visits for e in done.get(n, [])]]})
 
     def _echoes(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
