@@ -453,7 +453,12 @@ class Deriver:
         method = self.TEMPERATURE_WINDOWS.get(name)
         if method is None:
             return True
-        windows = getattr(self, method)(v)
+        # The windows depend only on inputs whose change re-runs the derivation (T0, the doses, its lab results,
+        # enrollment; arm and site empty the memo), and a re-run forgets them: while its facts are reused they hold.
+        kept: dict[str, Any] = v.memo.setdefault("_windows", {})
+        windows = kept.get(name)
+        if windows is None:
+            windows = kept[name] = getattr(self, method)(v)
         return any((lo is None or lo <= e.occurred_at) and (hi is None or e.occurred_at <= hi)
                    for e in vitals for lo, hi in windows)
 
@@ -518,6 +523,7 @@ class Deriver:
                     if cached[1] is not None:
                         pending_all.append(cached[1])
                     continue
+            v.memo.get("_windows", {}).pop(name, None)  # forgotten whenever it re-runs (see _temperatures_matter)
             pending: list[dt.datetime] = []
 
             def deadline(at: dt.datetime, _pending: list[dt.datetime] = pending) -> bool:
