@@ -308,21 +308,21 @@ _MAX_FIELDS_SETS = 4096
 
 
 def _compact(event: Any) -> Any:
-    """A subject's history holds ~100 events for months: events that set the same fields share one
-    `__pydantic_fields_set__` (~730 bytes each otherwise; frozen models never change it), and short repeated texts
-    (subject, site, type, drug, unit ...) are interned. Values are unchanged."""
-    fields = event.__pydantic_fields_set__
-    key = (type(event), frozenset(fields))
+    """A subject's history holds ~100 events for months: events of one type that set the same fields share one
+    fields-set (~730 bytes each otherwise; frozen models never change it), given to the public
+    `model_construct(_fields_set=...)` with the validated values, and short repeated texts (subject, site, type,
+    drug, unit ...) are interned. Values are unchanged."""
+    cls = type(event)
+    fields = event.model_fields_set
+    key = (cls, frozenset(fields))
     shared = _FIELDS_SETS.get(key)
-    if shared is None and len(_FIELDS_SETS) < _MAX_FIELDS_SETS:
+    if shared is None:
+        if len(_FIELDS_SETS) >= _MAX_FIELDS_SETS:
+            return event
         shared = _FIELDS_SETS[key] = set(fields)
-    if shared is not None:
-        object.__setattr__(event, "__pydantic_fields_set__", shared)
-    values = event.__dict__
-    for name, value in values.items():
-        if type(value) is str and name != "event_id" and len(value) <= 64:
-            values[name] = sys.intern(value)
-    return event
+    values = {name: sys.intern(value) if type(value) is str and name != "event_id" and len(value) <= 64 else value
+              for name, value in event}
+    return cls.model_construct(_fields_set=shared, **values)
 
 
 def canonical(data: dict[str, Any]) -> str:
