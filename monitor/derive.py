@@ -346,7 +346,8 @@ class Deriver:
         self._drug_classes: dict[tuple[str, str | None], dict[str, Any]] = {}
         self._analytes = analyte_lookup(params)
         self._match_cache: dict[tuple[Any, ...], bool] = {}
-        self._inputs = {name: kinds | self.ALWAYS for name, kinds in self.INPUTS.items()}
+        self._inputs = {name: kinds | (self.ALWAYS_T0 if name in self.T0_ONLY else self.ALWAYS)
+                        for name, kinds in self.INPUTS.items()}
         self._temperature_filtered = frozenset({"_temperature_quality", *self.TEMPERATURE_WINDOWS})
 
     def view(self, state: Any, *, scratch: bool = False) -> SubjectView:
@@ -381,6 +382,14 @@ class Deriver:
         "_lab_signals": frozenset({"lab_result", "temperature"}),
     }
     ALWAYS = frozenset({"enrollment", "drug_administration"})
+
+    # Derivations that read drug administrations only through T0 (`t0`, `t0_id`, `reference_time`): a changed drug
+    # administration re-runs them only when T0 moved (another event, or another time), which `derive` reports as
+    # the input kind "t0". The others read the doses themselves (doses, courses, rescue, last escalation).
+    T0_ONLY = frozenset({"_weight", "_temperature_quality", "_unit_quality", "_baseline_labs", "_vaccines",
+                         "_assessments", "_fever_recurrence", "_visits", "_echoes", "_adverse_events",
+                         "_lab_signals"})
+    ALWAYS_T0 = frozenset({"enrollment", "t0"})
 
     def kind_of(self, event: Any) -> str:
         """The input kind of an event, for deciding which derivations a change affects."""
@@ -444,7 +453,12 @@ class Deriver:
         method = self.TEMPERATURE_WINDOWS.get(name)
         if method is None:
             return True
-        windows = getattr(self, method)(v)
+        # The windows depend only on inputs whose change re-runs the derivation (T0, the doses, its lab results,
+        # enrollment; arm and site empty the memo), and a re-run forgets them: while its facts are reused they hold.
+        kept: dict[str, Any] = v.memo.setdefault("_windows", {})
+        windows = kept.get(name)
+        if windows is None:
+            windows = kept[name] = getattr(self, method)(v)
         return any((lo is None or lo <= e.occurred_at) and (hi is None or e.occurred_at <= hi)
                    for e in vitals for lo, hi in windows)
 
@@ -493,6 +507,11 @@ class Deriver:
         labs = [e for e, _ in changes if e.type == "lab_result"] if changes else []
         if v.changes:
             v._temperature_index  # brought up to date now, whichever derivations run
+        if memo is not None:
+            t0_key = (v.t0_id, v.t0)
+            if changed is not None and memo.get("_t0", memo) != t0_key:
+                changed = {*changed, "t0"}  # T0 moved (or unknown): the T0-only derivations re-run too
+            memo["_t0"] = t0_key
         for name in self.INPUTS:
             cached = memo.get(name) if memo is not None else None
             if cached is not None and changed is not None:
@@ -504,6 +523,7 @@ class Deriver:
                     if cached[1] is not None:
                         pending_all.append(cached[1])
                     continue
+            v.memo.get("_windows", {}).pop(name, None)  # forgotten whenever it re-runs (see _temperatures_matter)
             pending: list[dt.datetime] = []
 
             def deadline(at: dt.datetime, _pending: list[dt.datetime] = pending) -> bool:
@@ -995,33 +1015,47 @@ class Deriver:
     def _visits(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:
         if v.t0 is None:
             return
-        visits = v.ev.get("visit", [])
-        day_of = {e.event_id: nm.study_day(v.t0, e.occurred_at, v.zone) for e in visits}
+        zone = v.zone
+        first = nm.local_date(v.t0, zone)  # study day 1; a window closes at 00:00 local after its last day
+
+        def close_of(day: int) -> dt.datetime:
+            return dt.datetime.combine(first + dt.timedelta(days=day), dt.time(0, 0), tzinfo=zone)
+
+        def day_of(at: dt.datetime) -> int:
+            return (nm.local_date(at, zone) - first).days + 1  # nm.study_day
+
+        by_name: dict[str, list[tuple[int, Any]]] = {}
+        for e in v.ev.get("visit", []):
+            by_name.setdefault(e.visit.upper(), []).append((day_of(e.occurred_at), e))
         done: dict[str, list[Any]] = {}
         for name, w in self.p.visit_windows.items():
-            done[name] = [e for e in visits if e.visit.upper() == name.upper() and w.days[0] <= day_of[e.event_id] <= w.days[1]]
-            close = self._study_day_end(v, w.days[1])
+            lo, hi = w.days
+            done[name] = [e for day, e in by_name.get(name.upper(), ()) if lo <= day <= hi]
+            close = close_of(hi)
             if not deadline(close):
                 continue
-            first_day = nm.local_date(v.t0, v.zone) + dt.timedelta(days=w.days[0] - 1)
-            last_day = nm.local_date(v.t0, v.zone) + dt.timedelta(days=w.days[1] - 1)
+            first_day = first + dt.timedelta(days=lo - 1)
+            last_day = first + dt.timedelta(days=hi - 1)
             yield Fact("visit_window", name,
                        {"at": close.isoformat(), "visit": name, "done": bool(done[name]),
                         "missing_assessments": ", ".join(w.assessments),
                         "window_first_day": first_day.isoformat(), "window_last_day": last_day.isoformat()},
                        {"events": [v.t0_id, *[e.event_id for e in done[name]]]})
-        crp = [e for e in v.ev.get("lab_result", []) if v.analyte_of(e) == "CRP"]
-        echoes = v.ev.get("echocardiogram", [])
+        days: dict[str, list[int]] = {}  # the study days of the CRP results and of the echocardiograms, when needed
         for name, aw in self.p.assessment_windows.items():
-            close = self._study_day_end(v, aw.days[1])
+            close = close_of(aw.days[1])
             if not deadline(close):
                 continue
-            items = crp if aw.assessment == "CRP" else echoes
-            inside = [e for e in items if aw.days[0] <= nm.study_day(v.t0, e.occurred_at, v.zone) <= aw.days[1]]
+            kind = "CRP" if aw.assessment == "CRP" else "echo"
+            if kind not in days:
+                items = ([e for e in v.ev.get("lab_result", []) if v.analyte_of(e) == "CRP"] if kind == "CRP"
+                         else v.ev.get("echocardiogram", []))
+                days[kind] = [day_of(e.occurred_at) for e in items]
+            count = sum(1 for d in days[kind] if aw.days[0] <= d <= aw.days[1])
             visit_done = any(done.get(n) for n in aw.visits)
             yield Fact("assessment_window", name,
                        {"at": close.isoformat(), "window": name, "assessment": aw.assessment, "visit_done": visit_done,
-                        "count": float(len(inside))},
+                        "count": float(count)},
                        {"events": [v.t0_id, *[e.event_id for n in aw.visits for e in done.get(n, [])]]})
 
     def _echoes(self, v: SubjectView, deadline: Any) -> Iterable[Fact]:

@@ -151,7 +151,7 @@ class Monitor:
             state = self.subjects[event.subject_id] = SubjectState(event.subject_id, event.site_id)
         previous = state.events.get(event.event_id)
         anchors = (state.arm, state.site_id)
-        outcome = state.apply(event, canonical(payload), origin)
+        outcome = state.apply(event, payload if isinstance(payload, bytes) else canonical(payload), origin)
         self.stats.events[outcome.value] += 1
         if outcome in (Applied.NEW, Applied.AMENDED):
             state.changed.add(self.deriver.kind_of(event))

@@ -241,11 +241,15 @@ def _reason_for(errors: list[Any]) -> str:
     return "invalid_field"
 
 
-def decode(raw: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> dict[str, Any]:
-    """Turn raw bytes into a JSON object, or reject with the reason (`too_large` above `max_bytes`)."""
+def _check_size(raw: bytes | str, max_bytes: int) -> None:
     size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
     if size > max_bytes:
         raise EventRejected("too_large", f"event is {size} bytes; the limit is {max_bytes} (max_message_bytes)")
+
+
+def decode(raw: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> dict[str, Any]:
+    """Turn raw bytes into a JSON object, or reject with the reason (`too_large` above `max_bytes`)."""
+    _check_size(raw, max_bytes)
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -277,26 +281,48 @@ def parse_event(data: dict[str, Any]) -> Event:
         raise EventRejected("invalid_field", f"{kind} event: {exc}", event_id=event_id) from None
 
 
+def parse_record(raw: bytes | str, *, max_bytes: int = MAX_EVENT_BYTES) -> tuple[Event, bytes | dict[str, Any]]:
+    """`decode` then `parse_event` in one pass: the event, and its payload for `SubjectState.apply`, which is the
+    record's JSON text (bytes) when the event validated straight from it (its canonical text is computed from it
+    only if its event id is already held), else the decoded object. Anything the one-pass validation refuses goes
+    through `decode` and `parse_event`, so every rejection and its reason are theirs."""
+    _check_size(raw, max_bytes)
+    try:
+        event = _ADAPTER.validate_json(raw)
+    except (ValidationError, TypeError, ValueError, RecursionError):
+        payload = decode(raw, max_bytes=max_bytes)
+        return parse_event(payload), payload
+    # jiter refuses lone surrogates, so a text that validated encodes to UTF-8
+    return _compact(event), raw if isinstance(raw, bytes) else raw.encode("utf-8")
+
+
+def canonical_of(payload: bytes | str | dict[str, Any]) -> str:
+    """The canonical text of a payload: a decoded object, a record's JSON text (bytes), or a canonical text."""
+    if isinstance(payload, str):
+        return payload
+    return canonical(json.loads(payload) if isinstance(payload, bytes) else payload)
+
+
 _FIELDS_SETS: dict[tuple[type, frozenset[str]], set[str]] = {}
 _MAX_FIELDS_SETS = 4096
 
 
 def _compact(event: Any) -> Any:
-    """A subject's history holds ~100 events for months: events that set the same fields share one
-    `__pydantic_fields_set__` (~730 bytes each otherwise; frozen models never change it), and short repeated texts
-    (subject, site, type, drug, unit ...) are interned. Values are unchanged."""
-    fields = event.__pydantic_fields_set__
-    key = (type(event), frozenset(fields))
+    """A subject's history holds ~100 events for months: events of one type that set the same fields share one
+    fields-set (~730 bytes each otherwise; frozen models never change it), given to the public
+    `model_construct(_fields_set=...)` with the validated values, and short repeated texts (subject, site, type,
+    drug, unit ...) are interned. Values are unchanged."""
+    cls = type(event)
+    fields = event.model_fields_set
+    key = (cls, frozenset(fields))
     shared = _FIELDS_SETS.get(key)
-    if shared is None and len(_FIELDS_SETS) < _MAX_FIELDS_SETS:
+    if shared is None:
+        if len(_FIELDS_SETS) >= _MAX_FIELDS_SETS:
+            return event
         shared = _FIELDS_SETS[key] = set(fields)
-    if shared is not None:
-        object.__setattr__(event, "__pydantic_fields_set__", shared)
-    values = event.__dict__
-    for name, value in values.items():
-        if type(value) is str and name != "event_id" and len(value) <= 64:
-            values[name] = sys.intern(value)
-    return event
+    values = {name: sys.intern(value) if type(value) is str and name != "event_id" and len(value) <= 64 else value
+              for name, value in event}
+    return cls.model_construct(_fields_set=shared, **values)
 
 
 def canonical(data: dict[str, Any]) -> str:

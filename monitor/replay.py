@@ -7,12 +7,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from connectors.base import AlertSink, RawRecord, RejectSink, Source
 from monitor.clock import ReplayClock
 from monitor.errors import EventRejected
 from monitor.evaluator import Monitor
-from monitor.events import Event, decode, parse_event
+from monitor.events import Event, parse_record
 from monitor.fhir import FhirMapper, flat_records
 
 
@@ -53,7 +54,7 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
     its `recorded_at` and due deadlines fire on the state as it was, as a live monitor would have seen it."""
     summary = ReplaySummary()
     started = time.perf_counter()
-    batch: list[tuple[Event, dict, None, RawRecord]] = []  # (event, payload, origin, the record it came from)
+    batch: list[tuple[Event, Any, None, RawRecord]] = []  # (event, payload, origin, the record it came from)
 
     def emit(items: list) -> None:
         for a in items:
@@ -90,8 +91,7 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
 
     for record in records():
         try:
-            payload = decode(record.value)
-            event = parse_event(payload)
+            event, payload = parse_record(record.value)
             monitor.admit(event, batch if batch and event.recorded_at == batch[0][0].recorded_at else [])
         except EventRejected as exc:
             summary.rejected[exc.reason] += 1

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.events import Event
+from monitor.events import Event, canonical_of
 
 
 def _event_order(e: Any) -> tuple[Any, str]:
@@ -57,10 +57,21 @@ class Applied(enum.Enum):
 @dataclass(slots=True)
 class Stored:
     event: Event
-    canonical: str
+    text: str | bytes  # its canonical text, or the record's JSON text it is computed from when needed
     seq: int
     first_recorded_at: Any = None  # when this event_id was first reported (amendments keep it)
     origin: dict[str, Any] | None = None  # where it came from when streamed: topic, partition, offset
+
+    @property
+    def canonical(self) -> str:
+        """Canonical text of the payload, used to tell a transport retry (same bytes) from an amendment (§2.6)."""
+        return canonical_of(self.text)
+
+
+def _same_payload(held: str | bytes, new: str | bytes) -> bool:
+    if type(held) is type(new) and held == new:
+        return True  # the same canonical text, or the same bytes (whose canonical texts are then equal too)
+    return canonical_of(held) == canonical_of(new)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +105,13 @@ class SubjectState:
     _by_type: dict[str, list[Any]] | None = None
     _undo: list[tuple[str, Stored | None]] | None = None  # open checkpoint's undo log
 
-    def apply(self, event: Event, canonical: str, origin: dict[str, Any] | None = None) -> Applied:
+    def apply(self, event: Event, canonical: str | bytes, origin: dict[str, Any] | None = None) -> Applied:
+        """`canonical`: the payload's canonical text (`events.canonical`), or the record's JSON text (bytes) the
+        event was validated from (`events.parse_record`), from which the canonical text is computed when needed."""
         held = self.events.get(event.event_id)
         self._seq += 1
         if held is not None:
-            if held.canonical == canonical:
+            if _same_payload(held.text, canonical):
                 return Applied.DUPLICATE
             if event.recorded_at < held.event.recorded_at:
                 return Applied.SUPERSEDED
