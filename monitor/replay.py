@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from connectors.base import AlertSink, RawRecord, RejectSink, Source
+from monitor.batches import BatchLoop
 from monitor.clock import ReplayClock
 from monitor.errors import EventRejected
 from monitor.evaluator import Monitor
-from monitor.events import Event, decode, parse_event
+from monitor.events import decode, parse_event
 from monitor.fhir import FhirMapper, flat_records
 
 
@@ -53,7 +54,6 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
     its `recorded_at` and due deadlines fire on the state as it was, as a live monitor would have seen it."""
     summary = ReplaySummary()
     started = time.perf_counter()
-    batch: list[tuple[Event, dict, None, RawRecord]] = []  # (event, payload, origin, the record it came from)
 
     def emit(items: list) -> None:
         for a in items:
@@ -66,14 +66,6 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
             for item, error in zip(failure.items, failure.errors):
                 summary.rejected[error.reason] += 1
                 rejects.add(item[3], error)
-
-    def flush() -> None:
-        if not batch:
-            return
-        clock.advance_to(batch[0][0].recorded_at)
-        emit(monitor.tick())
-        emit(monitor.ingest(batch))
-        batch.clear()
 
     def records() -> Iterator[RawRecord]:
         for outer in source:
@@ -88,19 +80,20 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
                 rejects.add(outer, exc)
             yield from flat_records(outer, mapped)
 
+    batches = BatchLoop(monitor=monitor, key=lambda item: item[0].recorded_at,
+                        advance=lambda item: clock.advance_to(item[0].recorded_at),
+                        on_deadlines=emit, on_batch=lambda _batch, out, _held: emit(out))
     for record in records():
         try:
             payload = decode(record.value)
             event = parse_event(payload)
-            monitor.admit(event, batch if batch and event.recorded_at == batch[0][0].recorded_at else [])
+            batches.admit(event)
         except EventRejected as exc:
             summary.rejected[exc.reason] += 1
             rejects.add(record, exc)
             continue
-        if batch and event.recorded_at != batch[0][0].recorded_at:
-            flush()
-        batch.append((event, payload, None, record))
-    flush()
+        batches.add((event, payload, None, record))  # (event, payload, origin, the record it came from)
+    batches.flush()
     emit(monitor.finish(until))
     alerts.flush()
     rejects.flush()

@@ -47,6 +47,7 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from connectors.base import AlertSink, RawRecord, RejectSink
 from monitor.alerts import Alert
+from monitor.batches import BatchLoop
 from monitor.clock import PartitionClocks, ReplayClock
 from monitor.config import Settings
 from monitor.errors import EventRejected, MonitorError, RuleFileError, SinkUnavailable, SinkWaiting
@@ -262,19 +263,20 @@ class MonitorService:
         fhir_offsets: dict[TopicPartition, int] = {}
         if self.settings.input_format == "fhir":  # FHIR records become flat ones first (monitor/fhir.py)
             records, fhir_offsets = self._from_fhir(records)
-        batch: list = []
-        batch_ts: list[int | None] = [None]
 
-        def flush_batch() -> None:
-            if batch:
-                held = {item[0].event_id for item in batch if item[0].subject_id in self.monitor.subjects
-                        and item[0].event_id in self.monitor.subjects[item[0].subject_id].events}
-                out = self.monitor.ingest(list(batch))
-                self._note_withdrawals(out, batch=batch, held=held)
-                produced.extend((a, batch_ts[0]) for a in out)
-                self._dead_letter_failures()
-                batch.clear()
+        def deadlines(out: list[Alert]) -> None:
+            produced.extend((a, None) for a in self._note_withdrawals(out, cause="deadline"))
 
+        def applied(batch: list[Any], out: list[Alert], held: set[str]) -> None:
+            self._note_withdrawals(out, batch=batch, held=held)
+            produced.extend((a, batch[-1][3].timestamp_ms) for a in out)  # the broker time of its last record
+            self._dead_letter_failures()
+
+        # a batch stays within one partition: its clock is the one its subjects follow
+        batches = BatchLoop(monitor=self.monitor,
+                            key=lambda item: (item[0].recorded_at, item[2]["topic"], item[2]["partition"]),
+                            advance=lambda item: self._advance(item[3], item[0].recorded_at),
+                            on_deadlines=deadlines, on_batch=applied, track_held=True)
         self._raise_rebuild_ends()
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
@@ -282,7 +284,7 @@ class MonitorService:
             try:
                 payload = decode(rec.value, max_bytes=self.settings.max_message_bytes)
                 event = parse_event(payload)
-                self.monitor.admit(event, batch if batch and batch[0][0].recorded_at == event.recorded_at else [])
+                batches.admit(event)
             except EventRejected as exc:
                 if rec.offset is not None and rec.offset < self.state.bulk_until.get(tp, 0):
                     continue  # rebuilding history: dead-lettered before the group committed past it
@@ -306,18 +308,11 @@ class MonitorService:
                     self.monitor.load((event, payload, {"topic": rec.topic, "partition": rec.partition,
                                                         "offset": rec.offset}))
                     continue
-                flush_batch()
+                batches.flush()
                 produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
-            if batch and (batch[0][0].recorded_at != event.recorded_at or batch[0][2]["partition"] != rec.partition
-                          or batch[0][2]["topic"] != rec.topic):
-                flush_batch()  # a batch stays within one partition: its clock is the one its subjects follow
-            if not batch:
-                self._advance(rec, event.recorded_at)
-                produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
-            batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
-                          rec))
-            batch_ts[0] = rec.timestamp_ms
-        flush_batch()
+            batches.add((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
+                         rec))
+        batches.flush()
         for tp in [t for t in self.state.bulk_until if offsets.get(t, 0) >= self.state.bulk_until[t]]:
             produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
         for tp in [t for t, end in self._settle_at.items() if t not in self.state.bulk_until
