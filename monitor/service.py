@@ -47,6 +47,7 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from connectors.base import AlertSink, RawRecord, RejectSink
 from monitor.alerts import Alert
+from monitor.backoff import Backoff, StoppedWhileConnecting, connect_with_backoff
 from monitor.batches import BatchLoop
 from monitor.clock import PartitionClocks, ReplayClock
 from monitor.config import Settings
@@ -147,7 +148,7 @@ class MonitorService:
         self._outbox: _Outbox | None = None  # a batch whose alerts or offsets are not out yet (broker trouble)
         self.retry_base_s = 1.0  # back-off while the broker does not answer: doubles up to retry_max_s
         self.retry_max_s = 30.0
-        self._delay = self.retry_base_s
+        self._retries = 0  # waits since the broker last acknowledged: the next one is `backoff.delay(_retries)`
         self._trouble_logged_at = 0.0
         self.site_risk: Any = None  # monitor.kri.SiteRisk when rules/kri.yaml exists: recomputed on its schedule
 
@@ -506,7 +507,7 @@ class MonitorService:
             self._held(box, exc)
             return False
         self._outbox = None
-        self._delay = self.retry_base_s
+        self._retries = 0
         if box.attempts > 1:
             log.warning("Kafka broker acknowledges again: the held batch is out after %.0f s (%d alert records "
                         "published, offsets committed)", time.monotonic() - box.since, len(box.fresh))
@@ -774,37 +775,19 @@ class MonitorService:
     def _no_answer(self, what: str, exc: Exception, stop: threading.Event | None) -> None:
         self.state.ready = False
         log.warning("Kafka broker at %s did not answer while %s (%s: %s); retrying in %.0f s — not ready",
-                    self.settings.bootstrap_servers, what, type(exc).__name__, exc, self._delay)
+                    self.settings.bootstrap_servers, what, type(exc).__name__, exc,
+                    self.backoff.delay(self._retries))
         if stop is not None:
             self._back_off(stop)
 
+    @property
+    def backoff(self) -> Backoff:
+        """The wait while the broker does not answer or acknowledge: `retry_base_s` doubling up to `retry_max_s`."""
+        return Backoff(base_s=self.retry_base_s, max_s=self.retry_max_s)
+
     def _back_off(self, stop: threading.Event) -> None:
-        stop.wait(self._delay)
-        self._delay = min(self._delay * 2, self.retry_max_s)
-
-
-class StoppedWhileConnecting(Exception):
-    """The operator stopped the service before the broker answered."""
-
-
-def connect_with_backoff(what: str, make: Callable[[], Any], *, settings: Settings, stop: threading.Event | None) -> Any:
-    """Create a Kafka client, retrying with back-off while the broker is unreachable (never crash at start)."""
-    from kafka.errors import KafkaError
-
-    delay = 1.0
-    while True:
-        try:
-            return make()
-        except KafkaError as exc:
-            if stop is not None and stop.is_set():
-                raise StoppedWhileConnecting() from exc
-            log.warning("Kafka broker unreachable at %s (%s: %s); retrying in %.0f s — not ready until connected",
-                        settings.bootstrap_servers, what, type(exc).__name__, delay)
-            if stop is not None:
-                stop.wait(delay)
-            else:
-                time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        self.backoff.wait(self._retries, stop)
+        self._retries += 1
 
 
 def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | None = None,
