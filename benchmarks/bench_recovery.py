@@ -17,7 +17,6 @@ import json
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.broker import LocalBroker, free_port  # noqa: E402
 from monitor.generate import generate  # noqa: E402
-from tests.support.kafkatools import ServiceProcess, create_topics  # noqa: E402
+from tests.support.kafkatools import ServiceProcess, create_topics, wait_ready  # noqa: E402
 
 
 def produce(bootstrap: str, topic: str, events: list[dict]) -> dict[int, int]:
@@ -67,16 +66,8 @@ def measure(*, subjects: int, days: int, seed: int, workdir: Path) -> dict:
         started = time.perf_counter()
         svc = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=workdir / "service.log",
                              extra=["--metrics-port", str(port)]).start()
-        ready = None
         try:
-            while time.perf_counter() - started < 1800:
-                try:
-                    if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                        ready = time.perf_counter() - started
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.2)
+            ready = wait_ready(port, started=started, timeout_s=1800)
         finally:
             svc.stop()
     return {"recovery_subjects": subjects, "recovery_events": len(events), "recovery_ready_s":
