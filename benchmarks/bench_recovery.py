@@ -18,7 +18,6 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.broker import LocalBroker, free_port  # noqa: E402
 from monitor.generate import generate  # noqa: E402
-from tests.support.kafkatools import ServiceProcess, create_topics  # noqa: E402
+from tests.support.kafkatools import ServiceProcess, create_topics, wait_ready  # noqa: E402
 
 
 def produce(bootstrap: str, topic: str, events: list[dict]) -> dict[int, int]:
@@ -68,17 +67,9 @@ def measure(*, subjects: int, days: int, seed: int, workdir: Path) -> dict:
         started = time.perf_counter()
         svc = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=workdir / "service.log",
                              extra=["--metrics-port", str(port)]).start()
-        ready = cpu = None
         try:
-            while time.perf_counter() - started < 1800:
-                try:
-                    if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                        ready = time.perf_counter() - started
-                        cpu = child_cpu_seconds(svc.proc.pid) if svc.proc else None
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.2)
+            ready = wait_ready(port, started=started, timeout_s=1800)
+            cpu = child_cpu_seconds(svc.proc.pid) if ready is not None and svc.proc else None
         finally:
             svc.stop()
     return {"recovery_subjects": subjects, "recovery_events": len(events), "recovery_ready_s":

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from benchmarks.bench_kafka import bench_stream, produce_all  # noqa: E402
 from monitor.broker import LocalBroker, free_port  # noqa: E402
 from monitor.generate import generate  # noqa: E402
 from tests.support.kafkatools import (  # noqa: E402
-    ServiceProcess, create_topics, read_topic, wait_until_consumed)
+    ServiceProcess, create_topics, read_topic, wait_ready, wait_until_consumed)
 
 
 def bench_replay(subjects: int, days: int) -> dict:
@@ -111,15 +110,7 @@ def bench_recovery(broker: LocalBroker, subjects: int, tmp: Path) -> dict:
     started = time.perf_counter()
     svc = ServiceProcess(bootstrap=broker.bootstrap, topics=topics, group=group, log=tmp / "recovery.log",
                          extra=["--metrics-port", str(port)]).start()
-    ready = None
-    while time.perf_counter() - started < 900:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                ready = time.perf_counter() - started
-                break
-        except OSError:
-            pass
-        time.sleep(0.2)
+    ready = wait_ready(port, started=started, timeout_s=900)
     svc.stop()
     return {"recovery_subjects": subjects, "recovery_events": len(events),
             "recovery_ready_s": round(ready, 2) if ready else None}

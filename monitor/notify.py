@@ -22,7 +22,7 @@ import time
 from connectors.base import DeliveryError
 from connectors.delivery import Router
 from monitor.alerts import Alert
-from monitor.backoff import Backoff
+from monitor.backoff import Backoff, StoppedWhileConnecting, connect_with_backoff
 from monitor.config import Settings
 from monitor.store import AlertStore, StoreUnavailable
 
@@ -73,8 +73,6 @@ def run_notifier(settings: Settings, *, stop: threading.Event) -> Notifier:
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata
-
-    from monitor.service import StoppedWhileConnecting, connect_with_backoff
 
     store = AlertStore(url=settings.store or "sqlite:///alerts.db")
     notifier = Notifier(store=store, router=Router.from_config(settings.routes))

@@ -7,13 +7,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from connectors.base import AlertSink, RawRecord, RejectSink, Source
+from monitor.batches import BatchLoop
 from monitor.clock import ReplayClock
 from monitor.errors import EventRejected
 from monitor.evaluator import Monitor
-from monitor.events import Event, parse_record
+from monitor.events import parse_record
 from monitor.fhir import FhirMapper, flat_records
 
 
@@ -54,7 +54,6 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
     its `recorded_at` and due deadlines fire on the state as it was, as a live monitor would have seen it."""
     summary = ReplaySummary()
     started = time.perf_counter()
-    batch: list[tuple[Event, Any, None, RawRecord]] = []  # (event, payload, origin, the record it came from)
 
     def emit(items: list) -> None:
         for a in items:
@@ -67,14 +66,6 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
             for item, error in zip(failure.items, failure.errors):
                 summary.rejected[error.reason] += 1
                 rejects.add(item[3], error)
-
-    def flush() -> None:
-        if not batch:
-            return
-        clock.advance_to(batch[0][0].recorded_at)
-        emit(monitor.tick())
-        emit(monitor.ingest(batch))
-        batch.clear()
 
     def records() -> Iterator[RawRecord]:
         for outer in source:
@@ -89,18 +80,19 @@ def replay(*, source: Source, monitor: Monitor, clock: ReplayClock, alerts: Aler
                 rejects.add(outer, exc)
             yield from flat_records(outer, mapped)
 
+    batches = BatchLoop(monitor=monitor, key=lambda item: item[0].recorded_at,
+                        advance=lambda item: clock.advance_to(item[0].recorded_at),
+                        on_deadlines=emit, on_batch=lambda _batch, out, _held: emit(out))
     for record in records():
         try:
             event, payload = parse_record(record.value)
-            monitor.admit(event, batch if batch and event.recorded_at == batch[0][0].recorded_at else [])
+            batches.admit(event)
         except EventRejected as exc:
             summary.rejected[exc.reason] += 1
             rejects.add(record, exc)
             continue
-        if batch and event.recorded_at != batch[0][0].recorded_at:
-            flush()
-        batch.append((event, payload, None, record))
-    flush()
+        batches.add((event, payload, None, record))  # (event, payload, origin, the record it came from)
+    batches.flush()
     emit(monitor.finish(until))
     alerts.flush()
     rejects.flush()

@@ -6,10 +6,8 @@ dead letters too, and only then are the consumed offsets committed. Alert ids ar
 reads the alerts topic back at start, so a record it already published is never published again.
 
 Faults: when the broker does not acknowledge (it is unreachable, or the alerts topic refuses records), the batch's
-alerts, dead letters and offsets are held (`_Outbox`): the service stops polling, is not ready, logs why, and
-retries with back-off. Records still in the producer are waited for, never sent twice; records the producer gave up
-on are sent again only after the alerts topic was read back (so none is published twice). Offsets are committed
-only once every alert and dead letter of their batch is acknowledged. On SIGTERM while holding, the service stops
+alerts, dead letters and offsets are held in the outbox (`monitor/outbox.py`): the service stops polling, is not
+ready, logs why, and retries with back-off (`monitor/backoff.py`). On SIGTERM while holding, the service stops
 without committing: at restart the batch is read and its alerts derived again.
 
 Time: one clock per partition (a subject lives in one partition): each subject's deadlines follow its own
@@ -20,13 +18,10 @@ record waits in the backlog. In `stream` mode it is the partition's `recorded_at
 a caught-up partition quiet for `idle_partition_seconds` follows the most advanced one.
 
 Rebuild: on partition assignment the subjects of those partitions are rebuilt by reading the partitions from the
-beginning: up to the group's committed offset the history is loaded without evaluating each batch and each subject
-is evaluated once, taking over what the alerts topic held at that offset (each alert record carries the commit
-position of the batch that produced it); the rest is processed batch by batch, as live: the alerts the previous
-owner published past its commit are derived again under the same ids and not published again, and once those
-records are read, whatever this pass did otherwise is made to agree with the topic (`Monitor.settle`). The rebuild's end is never below the committed offset nor the fetch's
-high watermark (a ListOffsets answer may be short), offsets are never committed backwards, and the service is ready
-once every assigned partition is rebuilt (an empty one at once). On revocation they are dropped.
+beginning (`monitor/rebuild.py` keeps where each rebuild stands); the service is ready once every assigned partition
+is rebuilt (an empty one at once). On revocation they are dropped.
+
+This module holds the loop (poll, process, publish, commit), hot reload of the rules and the wiring from settings.
 """
 
 from __future__ import annotations
@@ -37,8 +32,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Collection, Container
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +41,16 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from connectors.base import AlertSink, RawRecord, RejectSink
 from monitor.alerts import Alert
+from monitor.backoff import Backoff, StoppedWhileConnecting, connect_with_backoff
+from monitor.batches import BatchLoop
 from monitor.clock import PartitionClocks, ReplayClock
 from monitor.config import Settings
-from monitor.errors import EventRejected, MonitorError, RuleFileError, SinkUnavailable, SinkWaiting
+from monitor.errors import EventRejected, MonitorError, RuleFileError
 from monitor.evaluator import Monitor
 from monitor.events import decode, parse_event
 from monitor.metrics import Metrics
+from monitor.outbox import Outbox, positioned
+from monitor.rebuild import Rebuild, ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -70,42 +68,6 @@ def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
-@dataclass
-class ServiceState:
-    """What the service knows about its partitions: for readiness and for dropping subjects on revocation."""
-
-    rebuild_until: dict[TopicPartition, int] = field(default_factory=dict)
-    # records below this offset are loaded without evaluation; the partition's subjects are then evaluated once
-    bulk_until: dict[TopicPartition, int] = field(default_factory=dict)
-    subjects_by_partition: dict[TopicPartition, set[str]] = field(default_factory=dict)
-    ready: bool = False
-
-
-class _Either:
-    """Membership in either of two collections, without copying the large one."""
-
-    def __init__(self, a: Container[tuple[str, str]], b: Container[tuple[str, str]]) -> None:
-        self.a, self.b = a, b
-
-    def __contains__(self, item: object) -> bool:
-        return item in self.a or item in self.b
-
-
-@dataclass
-class _Outbox:
-    """One batch's results not yet safely out: its alerts and dead letters to be acknowledged, then its offsets."""
-
-    alerts: list[tuple[Alert, int | None]]
-    offsets: dict[TopicPartition, int]
-    fresh: list[tuple[Alert, int | None]] = field(default_factory=list)  # handed to the alert sink
-    added: bool = False  # `fresh` is in the sink: wait for it
-    resend: bool = False  # the sink gave up on some records: read the topic back, then send what is missing
-    alerts_done: bool = False
-    dead_letters_done: bool = False
-    since: float = field(default_factory=time.monotonic)
-    attempts: int = 0
-
-
 class MonitorService:
     def __init__(self, *, settings: Settings, monitor: Monitor, clock: ReplayClock | None, alerts: AlertSink,
                  dead_letters: RejectSink, published: set[tuple[str, str]],
@@ -113,29 +75,16 @@ class MonitorService:
                  refresh_published: Callable[[], set[tuple[str, str]]] | None = None,
                  metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics
         self.refresh_published = refresh_published
         self.monitor = monitor
         # one processing clock per partition (issue 16): each subject's deadlines follow its own partition only
         self.clocks = PartitionClocks()
         monitor.clock = self.clocks
         self._last_record_at: dict[TopicPartition, float] = {}  # monotonic time a partition last gave a record
-        self._committed: dict[TopicPartition, int] = {}  # per partition: offsets are never committed below this
-        # rebuilding partitions whose records up to this offset the previous owner published alerts for (the
-        # highest commit position on the alerts topic): once they are read again, the topic and the alert book are
-        # made to agree where this pass went otherwise (`Monitor.settle`); ready only after
-        self._settle_at: dict[TopicPartition, int] = {}
-        self._withdrawal_cause: dict[str, str] = {}  # alert_id -> why, until the withdrawal is published
-        self._end_checked: set[TopicPartition] = set()  # rebuild boundary raised to the first fetch's high watermark
-        self.alerts = alerts
-        self.dead_letters = dead_letters
-        self.published = published
-        self.on_alert = on_alert
         self.state = ServiceState()
+        # where each assigned partition's rebuild stands (rebuild on assignment: monitor/rebuild.py)
+        self.rebuild = Rebuild(state=self.state, refresh_published=refresh_published)
         self.source = None  # set by attach()
-        self._newly_assigned: list[TopicPartition] = []
-        self._open_published: dict[str, list[Alert]] = {}  # by subject, open on the topic when read back
-        self._read_back: Collection[tuple[str, str]] | None = None  # the last read-back of the alerts topic
         self._gauges_at = 0.0
         self.reload_requested = threading.Event()
         self.audit_store: Any = None  # an AlertStore when configured: rules loads and switches are audited
@@ -143,113 +92,84 @@ class MonitorService:
         self._watched_at = time.monotonic()
         self.stats = {"events": 0, "rejected": 0, "alerts_published": 0, "alerts_suppressed": 0}
         self._fhir: Any = None  # the FHIR mapper, made at the first FHIR record (input_format: fhir)
-        self._outbox: _Outbox | None = None  # a batch whose alerts or offsets are not out yet (broker trouble)
+        # a batch's alerts, dead letters and offsets on their way out (held while the broker does not acknowledge)
+        self.outbox = Outbox(alerts=alerts, dead_letters=dead_letters, published=published,
+                             refresh_published=refresh_published, commit=self._commit,
+                             is_ready=lambda: self.state.ready, not_ready=self._not_ready, stats=self.stats,
+                             metrics=metrics, on_alert=on_alert, broker=settings.bootstrap_servers)
         self.retry_base_s = 1.0  # back-off while the broker does not answer: doubles up to retry_max_s
         self.retry_max_s = 30.0
-        self._delay = self.retry_base_s
-        self._trouble_logged_at = 0.0
+        self._retries = 0  # waits since the broker last acknowledged: the next one is `backoff.delay(_retries)`
         self.site_risk: Any = None  # monitor.kri.SiteRisk when rules/kri.yaml exists: recomputed on its schedule
+
+    # the sinks, the topic's known pairs and what is told of each published record live in the outbox;
+    # build_service connects the sinks after __init__
+    @property
+    def metrics(self) -> Metrics | None:
+        return self.outbox.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics | None) -> None:
+        self.outbox.metrics = metrics
+
+    @property
+    def on_alert(self) -> Callable[[Alert], None] | None:
+        return self.outbox.on_alert
+
+    @on_alert.setter
+    def on_alert(self, on_alert: Callable[[Alert], None] | None) -> None:
+        self.outbox.on_alert = on_alert
+
+    @property
+    def alerts(self) -> AlertSink:
+        return self.outbox.alerts
+
+    @alerts.setter
+    def alerts(self, sink: AlertSink) -> None:
+        self.outbox.alerts = sink
+
+    @property
+    def dead_letters(self) -> RejectSink:
+        return self.outbox.dead_letters
+
+    @dead_letters.setter
+    def dead_letters(self, sink: RejectSink) -> None:
+        self.outbox.dead_letters = sink
+
+    @property
+    def published(self) -> set[tuple[str, str]]:
+        """(alert_id, status) pairs known to be on the alerts topic: never published again."""
+        return self.outbox.published
+
+    @published.setter
+    def published(self, pairs: set[tuple[str, str]]) -> None:
+        self.outbox.published = pairs
+
+    def _not_ready(self) -> None:
+        self.state.ready = False
 
     # ---- partitions -------------------------------------------------------------------------------------------
     # kafka-python 3 runs rebalance listeners on its IO thread, where no blocking call is allowed: the listener
     # only records what changed, and the loop acts on it after poll returns.
     def on_assigned(self, tps: list[TopicPartition]) -> None:
-        self._newly_assigned.extend(tps)
+        self.rebuild.newly_assigned.extend(tps)
 
     def on_revoked(self, tps: list[TopicPartition]) -> None:
         """Drop the subjects of revoked partitions (in memory only; offsets were committed after each poll)."""
         for tp in tps:
-            for subject in self.state.subjects_by_partition.pop(tp, set()):
+            for subject in self.rebuild.revoke(tp):
                 self.monitor.drop_subject(subject)
-            self.state.rebuild_until.pop(tp, None)
-            self.state.bulk_until.pop(tp, None)
-            self._committed.pop(tp, None)
-            self._settle_at.pop(tp, None)
-            self._end_checked.discard(tp)
             self._last_record_at.pop(tp, None)
             self.clocks.drop(tp)
-            if tp in self._newly_assigned:
-                self._newly_assigned.remove(tp)
         if tps:
             log.info("revoked partitions %s; their subjects were dropped", sorted(t.partition for t in tps))
 
     def _start_rebuilds(self) -> set[TopicPartition]:
-        """Newly assigned partitions are read again from their beginning to rebuild their subjects' state.
-        If the broker does not answer, they stay newly assigned (and their records unused) until it does."""
-        tps = list(self._newly_assigned)
-        if not tps or self.source is None:
-            return set()
-        if self.refresh_published is not None:  # another instance may have published for these subjects
-            fresh = self.refresh_published()
-            self.published |= fresh
-            self._read_back = fresh  # by subject: a rebuilt subject's occurrence numbers continue after them
-            self._open_published = {}
-            for record in getattr(fresh, "open", {}).values():
-                alert = Alert.model_validate(record)
-                self._open_published.setdefault(alert.subject_id, []).append(alert)
-            if self.site_risk is not None and self.site_risk.raise_alerts:  # open QTL breaches: taken over
-                self.site_risk.qtl_book.adopt(self._open_published.get("trial", []))
-        ends = self.source.end_offsets(tps)
-        highwater = getattr(self.source, "highwater", None)
-        self._newly_assigned = [tp for tp in self._newly_assigned if tp not in tps]
-        total = 0
-        for tp in tps:
-            self.state.subjects_by_partition.setdefault(tp, set())
-            committed = self._bulk_boundary(tp, ends.get(tp, 0))
-            self._committed[tp] = committed
-            after = getattr(self._read_back, "after", None)
-            tail = after(tp.partition, committed) if after is not None else None
-            if tail is not None or committed > 0:  # see `_finish_rebuild` and `Monitor.settle`
-                self._settle_at[tp] = tail if tail is not None else committed
-            # ListOffsets may answer below the true end (ENGINE_NOTES: Tansu) and so below the committed offset:
-            # the rebuild never stops before the committed offset, nor before the last fetch's high watermark
-            end = max(ends.get(tp) or 0, committed, (highwater(tp) if highwater is not None else None) or 0)
-            total += end
-            if end > 0:
-                self.state.rebuild_until[tp] = end
-            else:  # an empty partition has nothing to rebuild: it is rebuilt now (it must not block readiness)
-                self.state.rebuild_until.pop(tp, None)
-            if committed > 0:
-                self.state.bulk_until[tp] = committed
-            self._end_checked.discard(tp)
-        self.source.seek_to_beginning(tps)
-        log.info("assigned partitions %s; rebuilding their subjects from the beginning (%d records)",
-                 sorted(t.partition for t in tps), total)
-        self._update_ready()
-        return set(tps)
-
-    def _bulk_boundary(self, tp: TopicPartition, end: int) -> int:
-        """Where a rebuild stops loading quietly and goes on batch by batch, as live: the group's committed offset.
-        Every alert the history before it caused was published before the commit, so only its end state matters
-        (with what was published adopted); the rest (a crashed owner's unacknowledged tail, or all of a new
-        group's history) is evaluated batch by batch so no alert that came and went there is lost."""
-        committed = getattr(self.source, "committed", None)
-        done = committed(tp) if committed is not None else None
-        return int(done or 0)
-
-    def _finish_rebuild(self, tp: TopicPartition) -> list[tuple[Alert, int | None]]:
-        """A partition's history is loaded: evaluate its subjects once, adopting what was already published."""
-        boundary = self.state.bulk_until.pop(tp)
-        started = time.monotonic()
-        subjects = self.state.subjects_by_partition.get(tp, set())
-        # Adopt the topic as it stood at the committed offset: the alerts published with a higher commit position
-        # come from records read again next, which derive them again under the same ids (occurrence numbers
-        # continue those published up to the commit), so they are neither withdrawn nor published twice. Open
-        # alerts the state at the commit does not hold are withdrawn now. (Deferring that withdrawal until a later
-        # match claimed the alert joined two occurrences when the state at the commit differed from the previous
-        # owner's: test_faults' restart ended with ids a clean run does not have.)
-        as_of = getattr(self._read_back, "as_of", None)
-        if as_of is not None:
-            view = as_of(tp.partition, boundary)
-            published: Any = view
-            open_alerts = {s: [Alert.model_validate(r) for r in view.open_for(s)] for s in subjects}
-        else:
-            published = self._read_back if self._read_back is not None else self.published
-            open_alerts = self._open_published
-        alerts = self.monitor.evaluate_rebuilt(subjects, published=published, open_alerts=open_alerts)
-        log.info("partition %d rebuilt: %d subjects evaluated in %.2f s", tp.partition, len(subjects),
-                 time.monotonic() - started)
-        return [(a, None) for a in alerts]
+        """Newly assigned partitions start their rebuild (`Rebuild.start`); readiness follows."""
+        tps = self.rebuild.start(self.source, published=self.published, site_risk=self.site_risk)
+        if tps:
+            self._update_ready()
+        return tps
 
     def attach(self, source) -> None:  # type: ignore[no-untyped-def]
         self.source = source
@@ -262,27 +182,28 @@ class MonitorService:
         fhir_offsets: dict[TopicPartition, int] = {}
         if self.settings.input_format == "fhir":  # FHIR records become flat ones first (monitor/fhir.py)
             records, fhir_offsets = self._from_fhir(records)
-        batch: list = []
-        batch_ts: list[int | None] = [None]
 
-        def flush_batch() -> None:
-            if batch:
-                held = {item[0].event_id for item in batch if item[0].subject_id in self.monitor.subjects
-                        and item[0].event_id in self.monitor.subjects[item[0].subject_id].events}
-                out = self.monitor.ingest(list(batch))
-                self._note_withdrawals(out, batch=batch, held=held)
-                produced.extend((a, batch_ts[0]) for a in out)
-                self._dead_letter_failures()
-                batch.clear()
+        def deadlines(out: list[Alert]) -> None:
+            produced.extend((a, None) for a in self._note_withdrawals(out, cause="deadline"))
 
-        self._raise_rebuild_ends()
+        def applied(batch: list[Any], out: list[Alert], held: set[str]) -> None:
+            self._note_withdrawals(out, batch=batch, held=held)
+            produced.extend((a, batch[-1][3].timestamp_ms) for a in out)  # the broker time of its last record
+            self._dead_letter_failures()
+
+        # a batch stays within one partition: its clock is the one its subjects follow
+        batches = BatchLoop(monitor=self.monitor,
+                            key=lambda item: (item[0].recorded_at, item[2]["topic"], item[2]["partition"]),
+                            advance=lambda item: self._advance(item[3], item[0].recorded_at),
+                            on_deadlines=deadlines, on_batch=applied, track_held=True)
+        self.rebuild.raise_ends(self.source)
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
             offsets[tp] = int(rec.offset) + 1  # type: ignore[arg-type]
             try:
                 payload = decode(rec.value, max_bytes=self.settings.max_message_bytes)
                 event = parse_event(payload)
-                self.monitor.admit(event, batch if batch and batch[0][0].recorded_at == event.recorded_at else [])
+                batches.admit(event)
             except EventRejected as exc:
                 if rec.offset is not None and rec.offset < self.state.bulk_until.get(tp, 0):
                     continue  # rebuilding history: dead-lettered before the group committed past it
@@ -306,32 +227,18 @@ class MonitorService:
                     self.monitor.load((event, payload, {"topic": rec.topic, "partition": rec.partition,
                                                         "offset": rec.offset}))
                     continue
-                flush_batch()
-                produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
-            if batch and (batch[0][0].recorded_at != event.recorded_at or batch[0][2]["partition"] != rec.partition
-                          or batch[0][2]["topic"] != rec.topic):
-                flush_batch()  # a batch stays within one partition: its clock is the one its subjects follow
-            if not batch:
-                self._advance(rec, event.recorded_at)
-                produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
-            batch.append((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
-                          rec))
-            batch_ts[0] = rec.timestamp_ms
-        flush_batch()
-        for tp in [t for t in self.state.bulk_until if offsets.get(t, 0) >= self.state.bulk_until[t]]:
-            produced.extend(self._note_withdrawals(self._finish_rebuild(tp), cause="recovery"))
-        for tp in [t for t, end in self._settle_at.items() if t not in self.state.bulk_until
-                   and (offsets.get(t, 0) >= end or t not in self.state.rebuild_until)]:
-            del self._settle_at[tp]
-            if getattr(self._read_back, "for_subject", None) is None:  # no read-back with subjects: nothing known
-                continue
-            # what this batch publishes counts as on the topic: a withdrawal made at the rebuild's end in this very
-            # batch must not be made again
-            pending = {(a.alert_id, a.status) for a, _ in produced}
-            settled = self.monitor.settle(self.state.subjects_by_partition.get(tp, ()), seen=self._read_back,
-                                          on_topic=_Either(self.published, pending),
-                                          topic_open=self._open_published)
-            produced.extend((a, None) for a in self._note_withdrawals(settled, cause="recovery"))
+                batches.flush()
+                produced.extend(self._note_withdrawals(self.rebuild.finish(tp, monitor=self.monitor,
+                                                                           published=self.published),
+                                                       cause="recovery"))
+            batches.add((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
+                         rec))
+        batches.flush()
+        for tp in self.rebuild.finished(offsets):
+            produced.extend(self._note_withdrawals(self.rebuild.finish(tp, monitor=self.monitor,
+                                                                       published=self.published), cause="recovery"))
+        self.rebuild.settle_due(offsets, monitor=self.monitor, published=self.published, produced=produced,
+                                note=lambda alerts: self._note_withdrawals(alerts, cause="recovery"))
         self._advance_idle()
         produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
         self._dead_letter_failures()
@@ -339,46 +246,14 @@ class MonitorService:
             offsets[tp] = max(offsets.get(tp, 0), off)
         if self.site_risk is not None and self.state.ready and self.site_risk.due():  # QTL breaches: same path
             produced.extend((a, None) for a in self.site_risk.recompute(self.monitor))
-        self._outbox = _Outbox(alerts=self._positioned(produced, offsets), offsets=offsets)
+        self.outbox.hold(positioned(produced, offsets, lanes=self.monitor.lanes, committed=self.rebuild.committed), offsets)
         self._settle()  # if the broker does not acknowledge, run() holds the batch and retries
         self._refresh_gauges()
 
-    def _positioned(self, produced: list[tuple[Alert, int | None]],
-                    offsets: dict[TopicPartition, int]) -> list[tuple[Alert, int | None]]:
-        """Each alert carries its commit position: its subject's events partition and the offset committed with
-        this batch there (or already committed, if the batch read nothing from it). A new owner committed below
-        it reads that batch again (`PublishedAlerts.as_of`)."""
-        out = []
-        for alert, ts in produced:
-            tp = self.monitor.lanes.get(alert.subject_id)
-            if isinstance(tp, TopicPartition):
-                at = max(offsets.get(tp, 0), self._committed.get(tp, 0))
-                alert = alert.model_copy(update={"commit_position": (tp.partition, at)})
-            out.append((alert, ts))
-        return out
-
     def _note_withdrawals(self, alerts: list[Any], *, cause: str | None = None, batch: list[Any] | None = None,
                           held: set[str] | None = None) -> list[Any]:
-        """Remember why each withdrawal happened, for the `alerts_withdrawn` metric (flapping made visible). From a
-        batch of records: `amendment` if one of the subject's records corrects a held one, `late_data` if one
-        happened before the alert's deadline + grace (it arrived after the alert), else `new_data`."""
-        for item in alerts:
-            alert = item[0] if isinstance(item, tuple) else item
-            if alert.status != "retracted":
-                continue
-            why = cause or "new_data"
-            if batch is not None:
-                mine = [entry[0] for entry in batch if entry[0].subject_id == alert.subject_id]
-                try:
-                    judged = dt.datetime.fromisoformat(alert.at) + self.monitor.grace
-                except (TypeError, ValueError):
-                    judged = None
-                if any(e.event_id in (held or set()) for e in mine):
-                    why = "amendment"
-                elif judged is not None and any(e.occurred_at <= judged for e in mine):
-                    why = "late_data"
-            self._withdrawal_cause[alert.alert_id] = why
-        return alerts
+        """Why each withdrawal happened, judged against the monitor in force (`WithdrawalCauses.note`)."""
+        return self.outbox.withdrawals.note(alerts, grace=self.monitor.grace, cause=cause, batch=batch, held=held)
 
     def _from_fhir(self, records: list[RawRecord]) -> tuple[list[RawRecord], dict[TopicPartition, int]]:
         """Map FHIR records to flat ones; refusals go to the dead letters with the original bytes, ignored
@@ -428,20 +303,6 @@ class MonitorService:
                 if self.site_risk is not None:
                     self.site_risk.intake.dead_lettered(rec.value)
 
-    def _raise_rebuild_ends(self) -> None:
-        """Once a rebuilding partition's first fetch answered, its boundary is at least that high watermark (a
-        ListOffsets answer may be short: ENGINE_NOTES)."""
-        highwater = getattr(self.source, "highwater", None)
-        if highwater is None:
-            return
-        for tp in [t for t in self.state.rebuild_until if t not in self._end_checked]:
-            hw = highwater(tp)
-            if hw is None:
-                continue
-            self._end_checked.add(tp)
-            if hw > self.state.rebuild_until[tp]:
-                self.state.rebuild_until[tp] = hw
-
     def _advance(self, rec: RawRecord, recorded_at: dt.datetime) -> None:
         """Move the record's partition clock. `stream`: the record's `recorded_at`. `wall`: its broker timestamp
         (the partition has a backlog while records are read), never ahead of the wall clock: a producer whose
@@ -464,7 +325,7 @@ class MonitorService:
         lags = lag_of() if lag_of is not None else {}
         highwater = getattr(self.source, "highwater", None)
         return [tp for tp in self.source.assignment()
-                if lags.get(tp, 0) <= 0 and tp not in self._newly_assigned and tp not in self.state.bulk_until
+                if lags.get(tp, 0) <= 0 and tp not in self.rebuild.newly_assigned and tp not in self.state.bulk_until
                 and tp not in self.state.rebuild_until
                 and (highwater is None or highwater(tp) is not None)]  # no fetch answered yet: not caught up
 
@@ -488,90 +349,13 @@ class MonitorService:
 
     # ---- getting a batch out: alerts, dead letters, then offsets ---------------------------------------------------
     def _settle(self) -> bool:
-        """Try once to get the held batch out. True when nothing is held any more; False (logged, not ready) when
-        the broker did not acknowledge: the batch stays held and nothing is committed past it."""
-        box = self._outbox
-        if box is None:
-            return True
-        box.attempts += 1
-        try:
-            if not box.alerts_done:
-                self._publish_held(box)
-                box.alerts_done = True
-            if not box.dead_letters_done:
-                self.dead_letters.flush()  # a dead letter the producer gave up on is sent again next time
-                box.dead_letters_done = True
-            self._commit(box.offsets)
-        except SinkWaiting as exc:
-            self._held(box, exc)
+        """Try once to get the held batch out (`Outbox.settle`); once it is out, the back-off starts again."""
+        holding = self.outbox.held is not None
+        if not self.outbox.settle():
             return False
-        except (SinkUnavailable, KafkaError) as exc:
-            if not box.alerts_done:
-                box.resend = True
-            self._held(box, exc)
-            return False
-        self._outbox = None
-        self._delay = self.retry_base_s
-        if box.attempts > 1:
-            log.warning("Kafka broker acknowledges again: the held batch is out after %.0f s (%d alert records "
-                        "published, offsets committed)", time.monotonic() - box.since, len(box.fresh))
+        if holding:
+            self._retries = 0
         return True
-
-    def _held(self, box: _Outbox, exc: Exception) -> None:
-        self.state.ready = False
-        now = time.monotonic()
-        if box.attempts == 1 or now - self._trouble_logged_at >= 30.0:
-            self._trouble_logged_at = now
-            what = ("alert records" if not box.alerts_done else "dead letters" if not box.dead_letters_done
-                    else "the offset commit")
-            log.warning("Kafka broker at %s did not acknowledge %s (%s: %s): holding %d alert records and the "
-                        "batch's offsets for %.0f s; nothing is committed past them; retrying with back-off — not "
-                        "ready", self.settings.bootstrap_servers, what, type(exc).__name__, exc,
-                        len(box.fresh) if box.added else len(box.alerts), now - box.since)
-
-    def _publish_held(self, box: _Outbox) -> None:
-        if box.resend:  # the producer gave up on some: let it finish with the rest, then see what reached the topic
-            self.alerts.flush()
-            if self.refresh_published is not None:
-                self.published |= self.refresh_published()
-            box.resend, box.added = False, False
-        if not box.added:
-            box.fresh = []
-            taken: set[tuple[str, str]] = set()
-            for alert, ts in box.alerts:
-                pair = (alert.alert_id, alert.status)
-                if pair in taken:  # never twice in one batch either
-                    continue
-                taken.add(pair)
-                if pair in self.published:
-                    if box.attempts == 1:
-                        self.stats["alerts_suppressed"] += 1
-                    if alert.status == "retracted":
-                        self._withdrawal_cause.pop(alert.alert_id, None)
-                    continue
-                box.fresh.append((alert, ts))
-            box.added = True
-            for alert, _ in box.fresh:
-                self.alerts.add(alert)
-        self.alerts.flush()  # raises if the broker did not acknowledge: nothing is committed then
-        self._published(box.fresh)
-
-    def _published(self, fresh: list[tuple[Alert, int | None]]) -> None:
-        now_ms = time.time() * 1000
-        # Once the partitions are rebuilt, the alert book never produces a key it produced before (occurrence
-        # numbers), so with a topic to read back from, the service's own keys are not kept: the set would grow by
-        # about 200 B per alert record for the life of the process (soak benchmark).
-        remember = self.refresh_published is None or not self.state.ready
-        for alert, ts in fresh:
-            if remember:
-                self.published.add((alert.alert_id, alert.status))
-            self.stats["alerts_published"] += 1
-            if self.metrics is not None:
-                cause = (self._withdrawal_cause.pop(alert.alert_id, "other") if alert.status == "retracted"
-                         else "other")
-                self.metrics.alert_published(alert, (now_ms - ts) / 1000 if ts and ts > 0 else None, cause=cause)
-            if self.on_alert is not None:
-                self.on_alert(alert)
 
     def _refresh_gauges(self, every_s: float = 1.0) -> None:
         """State gauges, at most once a second, on the service thread (the state's only owner)."""
@@ -592,9 +376,10 @@ class MonitorService:
         if self.source is None:
             return
         # records read again below the committed offset (a rebuild) are never committed: offsets only go forward
-        done = {tp: off for tp, off in offsets.items() if off > self._committed.get(tp, 0)}
-        backwards = {tp: (off, self._committed[tp]) for tp, off in done.items()
-                     if tp in self._committed and off < self._committed[tp]}
+        committed = self.rebuild.committed
+        done = {tp: off for tp, off in offsets.items() if off > committed.get(tp, 0)}
+        backwards = {tp: (off, committed[tp]) for tp, off in done.items()
+                     if tp in committed and off < committed[tp]}
         if backwards:  # cannot happen after the filter above; a guard so that no change can ever make it happen
             raise RuntimeError(f"refusing to commit offsets backwards (offset, committed): {backwards}")
         try:
@@ -603,7 +388,7 @@ class MonitorService:
             log.warning("offset commit refused after a rebalance (%s); the partitions' new owner reads them again "
                         "from the beginning and publishes nothing twice", exc)
         else:
-            self._committed.update(done)
+            committed.update(done)
         for tp in list(self.state.rebuild_until):
             if tp in offsets and offsets[tp] >= self.state.rebuild_until[tp]:
                 del self.state.rebuild_until[tp]
@@ -614,14 +399,12 @@ class MonitorService:
         if self.source is None:
             return
         was_ready = self.state.ready
-        self.state.ready = (not self.state.rebuild_until and not self.state.bulk_until and not self._newly_assigned
-                            and not self._settle_at and bool(self.source.assignment()))
+        self.state.ready = not self.rebuild.pending() and bool(self.source.assignment())
         if self.state.ready and not was_ready and self.refresh_published is not None:
             # read back for the rebuild; read again at the next assignment or reload (rebound, not cleared: the
             # alert book keeps each adopted subject's own pairs)
             self.published = set()
-            self._read_back = None
-            self._open_published = {}
+            self.rebuild.forget_read_back()
 
     metrics_server: Any = None
 
@@ -716,7 +499,7 @@ class MonitorService:
         if self.site_risk is not None and rules.kri is not None:
             self.site_risk.spec = rules.kri  # an edited kri.yaml applies from the next recomputation
         self._note_withdrawals(changes, cause="rules_change")
-        self._outbox = _Outbox(alerts=self._positioned(changes, {}), offsets={})
+        self.outbox.hold(positioned(changes, {}, lanes=self.monitor.lanes, committed=self.rebuild.committed), {})
         self._settle()  # held and retried by run() if the broker does not acknowledge
         if self.metrics is not None:
             self.metrics.rules.info({"version": rules.version})
@@ -737,11 +520,10 @@ class MonitorService:
             raise RuntimeError("attach() a source before run()")
         while not stop.is_set():
             self.run_once(stop)
-        if self._outbox is not None:
-            box = self._outbox
+        if self.outbox.held is not None:
             log.warning("stopping with a batch the broker did not acknowledge (%d alert records held): its offsets "
                         "are not committed; at restart it is read again and its alerts derived and published",
-                        len(box.fresh) if box.added else len(box.alerts))
+                        self.outbox.held.records())
         else:
             log.info("stopping: offsets committed up to the last acknowledged alerts")
 
@@ -749,8 +531,8 @@ class MonitorService:
         """One turn of the loop: retry a held batch, or poll and process the next one."""
         if self.source is None:
             raise RuntimeError("attach() a source before run()")
-        if self._outbox is not None:
-            waiting = self._outbox.added and not self._outbox.resend and not self._outbox.alerts_done
+        if self.outbox.held is not None:
+            waiting = self.outbox.waiting()
             if not self._settle() and not waiting:  # a wait for acknowledgements already took its time
                 self._back_off(stop)
             return
@@ -770,7 +552,7 @@ class MonitorService:
         try:
             rebuilding = self._start_rebuilds()
         except (MonitorError, KafkaError) as exc:  # they stay newly assigned; retried at the next turn
-            rebuilding = set(self._newly_assigned)
+            rebuilding = set(self.rebuild.newly_assigned)
             self._no_answer("starting the rebuild of newly assigned partitions", exc, None)
         if rebuilding:  # records fetched from the committed position are read again from the beginning
             records = [r for r in records if TopicPartition(r.topic, r.partition) not in rebuilding]
@@ -779,37 +561,19 @@ class MonitorService:
     def _no_answer(self, what: str, exc: Exception, stop: threading.Event | None) -> None:
         self.state.ready = False
         log.warning("Kafka broker at %s did not answer while %s (%s: %s); retrying in %.0f s — not ready",
-                    self.settings.bootstrap_servers, what, type(exc).__name__, exc, self._delay)
+                    self.settings.bootstrap_servers, what, type(exc).__name__, exc,
+                    self.backoff.delay(self._retries))
         if stop is not None:
             self._back_off(stop)
 
+    @property
+    def backoff(self) -> Backoff:
+        """The wait while the broker does not answer or acknowledge: `retry_base_s` doubling up to `retry_max_s`."""
+        return Backoff(base_s=self.retry_base_s, max_s=self.retry_max_s)
+
     def _back_off(self, stop: threading.Event) -> None:
-        stop.wait(self._delay)
-        self._delay = min(self._delay * 2, self.retry_max_s)
-
-
-class StoppedWhileConnecting(Exception):
-    """The operator stopped the service before the broker answered."""
-
-
-def connect_with_backoff(what: str, make: Callable[[], Any], *, settings: Settings, stop: threading.Event | None) -> Any:
-    """Create a Kafka client, retrying with back-off while the broker is unreachable (never crash at start)."""
-    from kafka.errors import KafkaError
-
-    delay = 1.0
-    while True:
-        try:
-            return make()
-        except KafkaError as exc:
-            if stop is not None and stop.is_set():
-                raise StoppedWhileConnecting() from exc
-            log.warning("Kafka broker unreachable at %s (%s: %s); retrying in %.0f s — not ready until connected",
-                        settings.bootstrap_servers, what, type(exc).__name__, delay)
-            if stop is not None:
-                stop.wait(delay)
-            else:
-                time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        self.backoff.wait(self._retries, stop)
+        self._retries += 1
 
 
 def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | None = None,

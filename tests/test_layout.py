@@ -2,7 +2,9 @@
 
 * the product packages (monitor/, connectors/) never import test-support code (`tests`, `benchmarks`);
 * no test and no benchmark uses a private name (`_x`) of the product: not `from monitor.x import _y`, not
-  `monitor.x._y` or `module._y` on an imported product module, not a `"monitor.x._y"` patch target;
+  `monitor.x._y` or `module._y` on an imported product module, not a `"monitor.x._y"` patch target, and patches no
+  private attribute of a product name (`monkeypatch.setattr(Thing, "_y", ...)`, `patch.object(Thing, "_y")`) but
+  those listed in PATCH_ALLOWED, each with the reason it waits;
 * the modules of monitor/ and connectors/ import each other without a circle (module-level and function-level
   imports both: a function-level import is still a dependency).
 """
@@ -69,13 +71,38 @@ def _private(name: str) -> bool:
 PATCH_TARGET = re.compile(r"^(?:monitor|connectors)(?:\.\w+)*\.(_\w+)")
 
 
+# Private attributes a test may still patch, (file, patched name, attribute) -> why it waits. Each entry is a debt:
+# the check below fails for any other, and for an entry that is no longer needed.
+PATCH_ALLOWED = {
+    ("tests/monitor/test_fault_isolation.py", "Deriver", "_lab_signals"):
+        "plants a failing derivation; derivations are private methods of Deriver, looked up by name, and monitor/"
+        "derive.py has no public hook to plant one yet (issue 19: derive.py was being reworked for performance)",
+}
+PATCHERS = ("setattr", "object")  # monkeypatch.setattr / setattr / mock.patch.object
+
+
+def _private_patches(tree: ast.AST, names: set[str]) -> Iterator[tuple[int, str, str]]:
+    """(line, name, attribute) of each `setattr(Name, "_attr", ...)`-like call on a name bound from the product."""
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and len(node.args) >= 2):
+            continue
+        func = node.func
+        called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        target, attr = node.args[0], node.args[1]
+        if (called in PATCHERS and isinstance(target, ast.Name) and target.id in names
+                and isinstance(attr, ast.Constant) and isinstance(attr.value, str) and _private(attr.value)):
+            yield node.lineno, target.id, attr.value
+
+
 def _private_uses(path: Path, root: Path = ROOT) -> Iterator[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     where = path.relative_to(root)
     modules: set[str] = set()  # local names bound to a product module
+    names: set[str] = set()  # local names bound to anything imported from the product (modules, classes, ...)
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and _top(node.module) in PRODUCT and not node.level:
             for alias in node.names:
+                names.add(alias.asname or alias.name)
                 if _private(alias.name):
                     yield f"{where}:{node.lineno}: from {node.module} import {alias.name}"
                 elif alias.name.islower():  # `from monitor import generate`: a module bound to a name
@@ -98,6 +125,9 @@ def _private_uses(path: Path, root: Path = ROOT) -> Iterator[str]:
             match = PATCH_TARGET.match(node.value)
             if match and " " not in node.value:
                 yield f"{where}:{node.lineno}: {node.value!r}"
+    for line, name, attr in _private_patches(tree, names | modules):
+        if (where.as_posix(), name, attr) not in PATCH_ALLOWED:
+            yield f"{where}:{line}: patches {name}.{attr}"
 
 
 def _is_module_path(node: ast.expr, modules: set[str]) -> bool:
@@ -116,6 +146,18 @@ def test_no_test_or_benchmark_uses_a_private_name_of_the_product():
     assert offenders == [], "use a public name (or make the name public in the product):\n" + "\n".join(offenders)
 
 
+def test_every_allowed_private_patch_is_still_needed():
+    """An entry of PATCH_ALLOWED whose patch is gone (a public seam was found) must be struck off."""
+    used = set()
+    for path in _python_files(*SUPPORT):
+        names = {alias.asname or alias.name for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.ImportFrom) and node.module and _top(node.module) in PRODUCT
+                 for alias in node.names}
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        used |= {(path.relative_to(ROOT).as_posix(), name, attr) for _, name, attr in _private_patches(tree, names)}
+    assert set(PATCH_ALLOWED) <= used, f"no longer needed: {sorted(set(PATCH_ALLOWED) - used)}"
+
+
 def test_the_private_name_check_sees_each_form(tmp_path):
     (tmp_path / "tests").mkdir()
     sample = tmp_path / "tests" / "test_sample.py"
@@ -123,11 +165,14 @@ def test_the_private_name_check_sees_each_form(tmp_path):
                       "import monitor.generate as gen\n"
                       "a = monitor.generate._SITES\nb = service._Outbox\nc = gen._r5(1)\n"
                       "d = monitor.generate.SubjectPlan._private_ok\n"
-                      "def f(monkeypatch):\n    monkeypatch.setattr('monitor.service._fingerprint', None)\n")
+                      "from monitor.derive import Deriver\n"
+                      "def f(monkeypatch):\n    monkeypatch.setattr('monitor.service._fingerprint', None)\n"
+                      "    monkeypatch.setattr(Deriver, '_lab_signals', None)\n"
+                      "    monkeypatch.setattr(Deriver, 'derive', None)\n")
     found = list(_private_uses(sample, tmp_path))
     assert [f.split(": ", 1)[1] for f in found] == [
         "from monitor.broker import _uvarint", "monitor.generate._SITES", "service._Outbox", "gen._r5",
-        "'monitor.service._fingerprint'"]
+        "'monitor.service._fingerprint'", "patches Deriver._lab_signals"]
 
 
 # ---- no import circle -------------------------------------------------------------------------------------------

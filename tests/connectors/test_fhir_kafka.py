@@ -18,8 +18,8 @@ import pytest
 from monitor.broker import LocalBroker, free_port
 from tests.conftest import SHARED, load_scenario
 from tests.support.kafkatools import (
-    ServiceProcess, alert_records, create_topics, final_pairs, produce, read_topic, same_local_clock, shift_events,
-    wait_until_consumed)
+    ServiceProcess, alert_records, assert_scenarios_alerted, create_topics, final_pairs, produce, read_topic,
+    same_local_clock, shift_events, wait_until_consumed)
 from tests.connectors.test_kafka_service import GRACE, LIVE_SCENARIOS, _age_boundary, _topics
 from tests.support.fhirconv import to_fhir_lines
 
@@ -92,20 +92,7 @@ def test_published_scenarios_as_fhir_through_kafka_give_the_flat_alert_sets(brok
     records_out = alert_records(messages)
     assert Counter((r["alert_id"], r["status"]) for r in records_out).most_common(1)[0][1] == 1, "a record twice"
     final = final_pairs(records_out)
-    for name, header, horizon, shift in plans:
-        subjects = {a["subject"] for a in header["expected_alerts"]} | {
-            a["subject"] for a in header.get("expected_no_alerts", [])}
-        within = [r for r in final if r["subject_id"] in subjects and dt.datetime.fromisoformat(r["at"]) <= horizon]
-        got = Counter((r["rule"], r["subject_id"]) for r in within)
-        want = Counter((a["rule"], a["subject"]) for a in header["expected_alerts"])
-        assert got == want, f"{name}: got {sorted(got.elements())}, want {sorted(want.elements())}"
-        for exp in header["expected_alerts"]:
-            target = dt.datetime.fromisoformat(exp["at"]) + shift
-            assert any(abs((dt.datetime.fromisoformat(r["at"]) - target).total_seconds()) <= 60
-                       for r in within if (r["rule"], r["subject_id"]) == (exp["rule"], exp["subject"])), exp
-        withdrawn = {(r["rule"], r["subject_id"]) for r in records_out if r["status"] == "retracted"}
-        for exp in header.get("expected_retractions", []):
-            assert (exp["rule"], exp["subject"]) in withdrawn, f"{name}: {exp} not raised then withdrawn"
+    assert_scenarios_alerted(final, plans, records_out)
     some = next(r for r in final if r["evidence"].get("events"))
     source = some["evidence"]["sources"][some["evidence"]["events"][0]]
     assert source["topic"] == topics["events"] and source["resource_type"] and source["version"] == "1"

@@ -13,7 +13,7 @@ import pytest
 from monitor.broker import LocalBroker, free_port
 from tests.conftest import SHARED, load_scenario
 from tests.support.kafkatools import (
-    ServiceProcess, alert_records, create_topics, events_as_records, final_pairs, produce, read_topic, same_local_clock,
+    ServiceProcess, alert_records, assert_scenarios_alerted, create_topics, events_as_records, final_pairs, produce, read_topic, same_local_clock,
     shift_events, wait_until_consumed)
 
 GRACE = dt.timedelta(hours=2)
@@ -75,22 +75,7 @@ def test_published_scenarios_through_kafka_with_live_deadlines(broker, tmp_path)
         assert service.stop() == 0, (tmp_path / "service.log").read_text()[-2000:]
     records_out = alert_records(messages)
     assert Counter((r["alert_id"], r["status"]) for r in records_out).most_common(1)[0][1] == 1, "a record twice"
-    final = final_pairs(records_out)
-    for name, header, horizon, shift in plans:
-        subjects = {a["subject"] for a in header["expected_alerts"]} | {
-            a["subject"] for a in header.get("expected_no_alerts", [])}
-        mine = [r for r in final if r["subject_id"] in subjects]
-        within = [r for r in mine if dt.datetime.fromisoformat(r["at"]) <= horizon]
-        got = Counter((r["rule"], r["subject_id"]) for r in within)
-        want = Counter((a["rule"], a["subject"]) for a in header["expected_alerts"])
-        assert got == want, f"{name}: got {sorted(got.elements())}, want {sorted(want.elements())}"
-        for exp in header["expected_alerts"]:
-            target = dt.datetime.fromisoformat(exp["at"]) + shift
-            assert any(abs((dt.datetime.fromisoformat(r["at"]) - target).total_seconds()) <= 60
-                       for r in within if (r["rule"], r["subject_id"]) == (exp["rule"], exp["subject"])), exp
-        withdrawn = {(r["rule"], r["subject_id"]) for r in records_out if r["status"] == "retracted"}
-        for exp in header.get("expected_retractions", []):
-            assert (exp["rule"], exp["subject"]) in withdrawn, f"{name}: {exp} not raised then withdrawn"
+    assert_scenarios_alerted(final_pairs(records_out), plans, records_out)
 
 
 def test_bad_input_goes_to_the_dead_letter_topic_and_good_events_go_on(broker, tmp_path):

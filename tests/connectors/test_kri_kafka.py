@@ -5,14 +5,12 @@ Storing, routing and auditing that record is the notifier's job, shown in tests/
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import json
 import uuid
 
 from monitor.broker import LocalBroker
-from monitor.generate import cohort_plan, subject_events
 from tests.support.kafkatools import ServiceProcess, create_topics, events_as_records, produce, read_topic
+from tests.support.kri_cohort import qtl_cohort
 
 RULE = "QTL-INELIGIBLE-RANDOMISED"
 
@@ -22,14 +20,7 @@ def _qtl(messages: list) -> list[dict]:
 
 
 def test_the_service_raises_a_qtl_breach_on_the_alerts_topic_and_withdraws_it_after_late_data(tmp_path):
-    plans = cohort_plan(subjects=8, seed=4, sites=3, deviation_rate=0.0)
-    plans = [dataclasses.replace(p, deviation="low_anc" if i == 0 else None) for i, p in enumerate(plans)]
-    events = sorted((e for p in plans for e in subject_events(p, 3)),
-                    key=lambda e: (dt.datetime.fromisoformat(e["recorded_at"]), e["subject_id"], e["event_id"]))
-    ineligible = plans[0].subject_id
-    anc = next(e for e in events if e["subject_id"] == ineligible and e.get("analyte") == "ANC")
-    last = max(dt.datetime.fromisoformat(e["recorded_at"]) for e in events)
-    correction = {**anc, "value": 3.2, "status": "corrected", "recorded_at": (last + dt.timedelta(hours=1)).isoformat()}
+    events, ineligible, correction = qtl_cohort()
     tag = uuid.uuid4().hex[:8]
     topics = {"events": f"kri-events-{tag}", "alerts": f"kri-alerts-{tag}", "dead": f"kri-dead-{tag}"}
     with LocalBroker(log_path=tmp_path / "broker.log") as broker:

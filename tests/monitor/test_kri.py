@@ -39,6 +39,7 @@ from monitor.replay import replay
 from monitor.rules import DEFAULT_RULES_DIR, load_rules
 from monitor.service import MonitorService
 from monitor.store import AlertStore
+from tests.support.kri_cohort import qtl_cohort
 
 SITES = site_ids(22)
 PLANTED, SMALL = SITES[0], SITES[21]
@@ -297,15 +298,7 @@ def _records(events: list[dict], start: int) -> list[RawRecord]:
 
 
 def test_a_qtl_breach_is_raised_stored_audited_and_withdrawn_when_late_data_bring_the_trial_back(tmp_path):
-    plans = cohort_plan(subjects=8, seed=4, sites=3, deviation_rate=0.0)
-    plans = [dataclasses.replace(p, deviation="low_anc" if i == 0 else None) for i, p in enumerate(plans)]
-    events = sorted((e for p in plans for e in subject_events(p, 3)),
-                    key=lambda e: (dt.datetime.fromisoformat(e["recorded_at"]), e["subject_id"], e["event_id"]))
-    ineligible = plans[0].subject_id
-    anc = next(e for e in events if e["subject_id"] == ineligible and e.get("analyte") == "ANC")
-    last = max(dt.datetime.fromisoformat(e["recorded_at"]) for e in events)
-    correction = {**anc, "value": 3.2, "status": "corrected",
-                  "recorded_at": (last + dt.timedelta(hours=1)).isoformat()}  # the lab corrects a transcription
+    events, ineligible, correction = qtl_cohort()  # the lab corrects a transcription after the last event
 
     store = AlertStore(url=f"sqlite:///{tmp_path / 'alerts.db'}")
     router = Router(routes=[Route(name="quality-manager", sink="webhook", match={"category": [QTL_CATEGORY]},

@@ -16,13 +16,12 @@ import pytest
 
 from connectors.base import RawRecord
 from monitor.clock import ReplayClock
-from monitor.config import Settings
 from monitor.diff import diff_rules
 from monitor.evaluator import Monitor
 from monitor.rules import DEFAULT_RULES_DIR, load_rules
-from monitor.service import MonitorService
 from tests.conftest import SHARED, final_alerts, load_scenario
 from tests.monitor.test_service import Source, Topic
+from tests.support.services import stream_service
 
 if not (SHARED / "scenarios").is_dir():
     pytest.skip("published scenarios not found (../shared)", allow_module_level=True)
@@ -46,12 +45,9 @@ def _overdose_that_comes_back() -> list[dict]:
 
 
 def _service(rules_dir, events):
-    clock = ReplayClock()
     alerts, dead = Topic(), Topic()
-    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=alerts,
-                         dead_letters=dead, monitor=Monitor.create(rules=load_rules(rules_dir), clock=clock),
-                         published=set(), refresh_published=alerts.keys)
-    svc.retry_base_s = svc.retry_max_s = 0.01
+    svc = stream_service(alerts=alerts, dead_letters=dead, rules=rules_dir, refresh_published=alerts.keys,
+                         retry_s=0.01)
     svc.attach(Source([_records(events)]))
     svc.run_once(threading.Event())
     return svc, alerts

@@ -23,6 +23,7 @@ from monitor.evaluator import Monitor
 from monitor.rules import load_rules
 from monitor.service import MonitorService
 from tests.conftest import SHARED, load_scenario
+from tests.support.services import stream_service
 
 TP = TopicPartition("events", 0)
 
@@ -99,12 +100,8 @@ def records_of(*names: str) -> list[RawRecord]:
 
 
 def service(batches: list[list[RawRecord]]) -> tuple[MonitorService, Source, Topic, Topic]:
-    clock = ReplayClock()
     alerts, dead = Topic(), Topic()
-    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=alerts,
-                         dead_letters=dead, monitor=Monitor.create(rules=load_rules(), clock=clock), published=set(),
-                         refresh_published=alerts.keys)
-    svc.retry_base_s = svc.retry_max_s = 0.01
+    svc = stream_service(alerts=alerts, dead_letters=dead, refresh_published=alerts.keys, retry_s=0.01)
     source = Source(batches)
     svc.attach(source)
     return svc, source, alerts, dead
@@ -205,12 +202,9 @@ def test_alerts_of_a_rules_switch_wait_too(expected, tmp_path):
 
     rules_dir = tmp_path / "rules"
     shutil.copytree(DEFAULT_RULES_DIR, rules_dir)
-    clock = ReplayClock()
     alerts, dead = Topic(), Topic()
-    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=alerts,
-                         dead_letters=dead, monitor=Monitor.create(rules=load_rules(rules_dir), clock=clock),
-                         published=set(), refresh_published=alerts.keys)
-    svc.retry_base_s = svc.retry_max_s = 0.01
+    svc = stream_service(alerts=alerts, dead_letters=dead, rules=rules_dir, refresh_published=alerts.keys,
+                         retry_s=0.01)
     source = Source([RECORDS])
     svc.attach(source)
     stop = threading.Event()
@@ -242,11 +236,8 @@ def test_an_audit_store_that_cannot_be_written_keeps_the_rules_in_force_and_the_
     rules_dir = tmp_path / "rules"
     shutil.copytree(DEFAULT_RULES_DIR, rules_dir)
     first, second = RECORDS[:40], RECORDS[40:]
-    clock = ReplayClock()
     alerts, dead = Topic(), Topic()
-    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=alerts,
-                         dead_letters=dead, monitor=Monitor.create(rules=load_rules(rules_dir), clock=clock),
-                         published=set(), refresh_published=alerts.keys)
+    svc = stream_service(alerts=alerts, dead_letters=dead, rules=rules_dir, refresh_published=alerts.keys)
     store = AlertStore(url=f"sqlite:///{tmp_path / 'audit.db'}")
     svc.audit_store = store
     source = Source([first, second])

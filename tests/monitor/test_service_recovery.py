@@ -21,6 +21,7 @@ from monitor.rules import load_rules
 from monitor.service import MonitorService
 from tests.conftest import SHARED, load_scenario
 from tests.monitor.test_service import TP, Topic
+from tests.support.services import stream_service
 
 SCENARIOS = ("21_late_dose_record_retracts_alert.jsonl", "06_overdose_above_8mgkg.jsonl",
              "04_missed_escalation_h12.jsonl")
@@ -85,10 +86,7 @@ def records() -> list[RawRecord]:
 
 def run(partition: Partition, topic: Topic, rules) -> None:
     """A new owner takes the partition and processes it to its end."""
-    clock = ReplayClock()
-    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=topic,
-                         dead_letters=Topic(), monitor=Monitor.create(rules=rules, clock=clock), published=set(),
-                         refresh_published=lambda: read_back(topic))
+    svc = stream_service(alerts=topic, dead_letters=Topic(), rules=rules, refresh_published=lambda: read_back(topic))
     svc.attach(partition)
     svc.on_assigned([TP])
     stop = threading.Event()
@@ -220,10 +218,7 @@ def test_a_low_end_offset_never_commits_backwards_nor_makes_the_rebuild_ready_ea
     topic = Topic()
     topic.records = [a for a in clean.records]  # the previous owner published everything, committed `committed`
     partition = LowEndPartition(recs, committed=committed)
-    clock = ReplayClock()
-    svc = MonitorService(settings=Settings(clock="stream", rules_watch_seconds=0), clock=clock, alerts=topic,
-                         dead_letters=Topic(), monitor=Monitor.create(rules=rules, clock=clock), published=set(),
-                         refresh_published=lambda: read_back(topic))
+    svc = stream_service(alerts=topic, dead_letters=Topic(), rules=rules, refresh_published=lambda: read_back(topic))
     svc.attach(partition)
     svc.on_assigned([TP])
     stop = threading.Event()

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,48 @@ def final_pairs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             seen.add(r["alert_id"])
             out.append(r)
     return out
+
+
+def scenario_subjects(header: dict[str, Any]) -> set[str]:
+    """The subjects a published scenario speaks of: those it expects alerts for and those it expects none for."""
+    return {a["subject"] for a in header["expected_alerts"]} | {
+        a["subject"] for a in header.get("expected_no_alerts", [])}
+
+
+def assert_scenarios_alerted(final: list[dict[str, Any]], plans: list[tuple[str, dict[str, Any], dt.datetime,
+                                                                            dt.timedelta]],
+                             records: list[dict[str, Any]] | None = None) -> None:
+    """Each plan (name, header, horizon, shift) of a published scenario moved in time: its final alerts up to the
+    horizon are exactly the expected ones, each within 60 s of its expected (shifted) time; with `records` (every
+    alert record read), each expected retraction is among them. One check for every test that runs the scenarios
+    through the service."""
+    for name, header, horizon, shift in plans:
+        subjects = scenario_subjects(header)
+        within = [r for r in final if r["subject_id"] in subjects and dt.datetime.fromisoformat(r["at"]) <= horizon]
+        got = Counter((r["rule"], r["subject_id"]) for r in within)
+        want = Counter((a["rule"], a["subject"]) for a in header["expected_alerts"])
+        assert got == want, f"{name}: got {sorted(got.elements())}, want {sorted(want.elements())}"
+        for exp in header["expected_alerts"]:
+            target = dt.datetime.fromisoformat(exp["at"]) + shift
+            assert any(abs((dt.datetime.fromisoformat(r["at"]) - target).total_seconds()) <= 60
+                       for r in within if (r["rule"], r["subject_id"]) == (exp["rule"], exp["subject"])), exp
+        if records is not None:
+            withdrawn = {(r["rule"], r["subject_id"]) for r in records if r["status"] == "retracted"}
+            for exp in header.get("expected_retractions", []):
+                assert (exp["rule"], exp["subject"]) in withdrawn, f"{name}: {exp} not raised then withdrawn"
+
+
+def wait_ready(port: int, *, started: float, timeout_s: float) -> float | None:
+    """Poll the service's /readyz on loopback until it answers 200: the seconds since `started` (a
+    `time.perf_counter()`), or None if it was not ready within `timeout_s` of `started`."""
+    while time.perf_counter() - started < timeout_s:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                return time.perf_counter() - started
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return None
 
 
 class ServiceProcess:
