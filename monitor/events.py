@@ -24,6 +24,8 @@ from pydantic import (
     field_validator,
 )
 
+from pydantic_core import PydanticCustomError
+
 from monitor.errors import EventRejected
 
 MAX_EVENT_BYTES = 1_000_000
@@ -38,6 +40,19 @@ def _no_bool(value: Any) -> Any:
 
 
 Number = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_no_bool)]
+
+
+def _iso_text(value: Any) -> Any:
+    if not isinstance(value, (str, dt.datetime)):
+        raise PydanticCustomError("datetime_number",
+                                  "an ISO 8601 date-time text with a UTC offset is required, not a number")
+    return value
+
+
+Instant = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
+"""An instant as ISO 8601 text with its offset. A bare number is refused: seconds or milliseconds since 1970 cannot
+be told apart (one 14-digit number is the year 4199 read as milliseconds), and one record stamped far ahead would
+move a replay's clock and fire every other subject's deadlines."""
 Text = Annotated[str, Field(min_length=1, max_length=4000)]
 
 
@@ -48,8 +63,8 @@ class _Base(BaseModel):
     subject_id: Annotated[str, Field(min_length=1, max_length=200)]
     site_id: Annotated[str, Field(min_length=1, max_length=200)]
     arm: Arm | None = None
-    occurred_at: AwareDatetime
-    recorded_at: AwareDatetime
+    occurred_at: Instant
+    recorded_at: Instant
     status: Literal["final", "amended", "corrected", "preliminary", "entered-in-error"] | None = None
     amendment_reason: str | None = None
     ingest_batch: str | None = None
@@ -75,7 +90,7 @@ class Enrollment(_Base):
     type: Literal["enrollment"]
     birth_date: dt.date
     sex: str | None = None
-    consent_signed_at: AwareDatetime | None = None
+    consent_signed_at: Instant | None = None
     weight_kg: Number | None = None
     height_cm: Number | None = None
     gestational_age_at_birth_weeks: Number | None = None
@@ -129,7 +144,7 @@ class DrugAdministration(_Base, _DoseFields):
     atc: str | None = None
     route: str | None = None
     weight_kg: Number | None = None
-    infusion_end_at: AwareDatetime | None = None
+    infusion_end_at: Instant | None = None
     study_drug: bool = False
     purpose: str | None = None
 
@@ -144,8 +159,8 @@ class ConcomitantMedication(_Base, _DoseFields):
     frequency: str | None = None
     regimen: str | None = None
     indication: str | None = None
-    start_at: AwareDatetime | None = None
-    end_at: AwareDatetime | None = None
+    start_at: Instant | None = None
+    end_at: Instant | None = None
 
 
 class Immunization(_Base):
@@ -165,7 +180,7 @@ class AdverseEvent(_Base):
     serious_criteria: list[str] = Field(default_factory=list)
     related_to_study_drug: bool | str | None = None
     infection_type: str | None = None
-    investigator_aware_at: AwareDatetime | None = None
+    investigator_aware_at: Instant | None = None
 
 
 class Visit(_Base):

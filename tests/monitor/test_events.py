@@ -136,6 +136,18 @@ def test_unparseable_time(field):
     assert field in exc.detail
 
 
+@pytest.mark.parametrize("value", [70368744177663, 1736146800, 1736146800.5])
+def test_a_time_given_as_a_number_is_rejected_on_both_parse_paths(value):
+    """Seconds or milliseconds since 1970 cannot be told apart; 70368744177663 read as milliseconds is the year
+    4199, which would move a replay's clock and fire every other subject's deadlines."""
+    raw = json.dumps(_with(recorded_at=value))
+    for parse in (lambda: events.parse_event(events.decode(raw)), lambda: events.parse_record(raw.encode())):
+        with pytest.raises(EventRejected) as caught:
+            parse()
+        assert caught.value.reason == "bad_time"
+        assert "recorded_at" in caught.value.detail and "ISO 8601" in caught.value.detail
+
+
 def test_time_without_utc_offset_is_rejected_and_says_so():
     exc = _reject(_with(occurred_at="2025-01-06T06:00:00"))
     assert exc.reason == "bad_time"
