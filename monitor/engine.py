@@ -19,8 +19,10 @@ It applies every workaround of ENGINE_NOTES:
   EngineError naming the field, never posted;
 - a subject's new facts go to the engine in one `assert_facts` call (its retracted ones in one `retract_facts`), a
   JSON array: the engine goes on past a message that matches nothing or that it already holds, and answers for the
-  whole array, so matches are attributed by the (sid, id) of each fired action and every asserted fact counts as
-  held. Checked on 2.0.28: a message it can not parse ends the array silently (the rest is dropped, the call
+  whole array, so matches are attributed by the (sid, id) of each fired action. The engine stores a fact only
+  when it reaches a rule; with the compiled rules' shape (one condition, no `count` or `cap`) that is when the rule
+  fires, so a fact that fired nothing is not held and is never retracted (with any other shape every asserted
+  fact counts as held: retracting a fact the engine does not hold changes nothing). Checked on 2.0.28: a message it can not parse ends the array silently (the rest is dropped, the call
   answers OK), so everything posted in a batch must come from `engine_json`.
 """
 
@@ -237,6 +239,8 @@ class RulesEngine:
         if max_sessions is not None and max_sessions < 1:
             raise EngineError("max_sessions must be at least 1 (or None: one session per subject, never reused)")
         check_definition(definition)
+        # one condition per rule (check_definition) and no option but `pri`: a fact is stored iff a rule fired for it
+        self._fired_only_held = all(set(rule) <= {"all", "any", "pri", "run"} for rule in definition.values())
         self.version = version
         self._definition = definition
         self._shard_size = shard_size
@@ -287,7 +291,7 @@ class RulesEngine:
 
     def _evict(self, subject_id: str) -> tuple[str, str]:
         name, sid = self._sids[subject_id]
-        held = sorted(self._matches.get(subject_id, {}))  # every fact sync asserted and has not retracted
+        held = sorted(self._matches.get(subject_id, {}))  # the facts the engine holds (sync's rule)
         if held:
             self._batch(subject_id, _native.retract_facts, name, [_retraction(sid, fid) for fid in held], held)
         del self._sids[subject_id]
@@ -348,9 +352,8 @@ class RulesEngine:
         synced in full whatever `changed` says.
 
         The facts that went are retracted in one engine call, the new ones asserted in another (one JSON array
-        each). A fact is kept as held (and retracted when it goes) whether or not it matched a rule: a batch
-        reports one result for all its messages, so whether the engine stored an unmatched one is not known, and
-        retracting a fact the engine does not hold changes nothing."""
+        each). Matches are attributed by the (sid, id) of each action; see the module notes for which facts count as
+        held (those are retracted when they go or the session is emptied)."""
         changed: set[str] | None = getattr(facts, "changed", None)
         name, sid = self.session_of(subject_id)
         held = self._asserted.get(subject_id)
@@ -385,7 +388,10 @@ class RulesEngine:
             raise EngineError(f"engine fired for another session or fact: {stray[:3]} (session isolation broken)")
         for fid in new:
             held[fid] = facts[fid]  # callers pass messages they never change (Fact.message() is built once)
-        matches.update(fired)
+        if self._fired_only_held:
+            matches.update((fid, rules) for fid, rules in fired.items() if rules)
+        else:
+            matches.update(fired)
 
     def _batch(self, subject_id: str, fn: Callable[[int, str], tuple[int, int]], name: str, texts: list[str],
                ids: list[str]) -> None:
