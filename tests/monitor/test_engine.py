@@ -426,10 +426,10 @@ _scalars = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.text(), _scalars, max_size=8))
 def test_engine_json_writes_a_fact_as_the_exact_writer_does(fact):
-    from monitor.engine import _engine_json_exact, _message_json, engine_json
+    from monitor.engine import engine_json_exact, message_json, engine_json
 
-    assert engine_json(fact) == _engine_json_exact(fact, where="value")
-    assert _message_json(fact, "7", "f:1") == _engine_json_exact(dict(fact, sid="7", id="f:1"), where="value")
+    assert engine_json(fact) == engine_json_exact(fact, where="value")
+    assert message_json(fact, "7", "f:1") == engine_json_exact(dict(fact, sid="7", id="f:1"), where="value")
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
@@ -455,7 +455,7 @@ def test_a_failed_engine_call_gives_the_session_up(monkeypatch):
     e.sync("A", {"f": lab(1.0)})
     first = e.session_of("A")
 
-    native = engine_mod._native
+    native = engine_mod.native
 
     class Failing:
         def __getattr__(self, name):
@@ -468,10 +468,10 @@ def test_a_failed_engine_call_gives_the_session_up(monkeypatch):
 
             return assert_facts
 
-    monkeypatch.setattr(engine_mod, "_native", Failing())
+    monkeypatch.setattr(engine_mod, "native", Failing())
     with pytest.raises(EngineError, match=r"assert_facts failed on .*error code: 204"):
         e.sync("A", {"f": lab(1.0), "g": lab(0.5)})
-    monkeypatch.setattr(engine_mod, "_native", native)
+    monkeypatch.setattr(engine_mod, "native", native)
     e.sync("A", {"f": lab(1.0), "g": lab(0.5)})
     assert e.matches("A") == {("LOW", "f"), ("LOW", "g")}
     assert e.session_of("A") != first
