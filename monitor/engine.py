@@ -4,6 +4,9 @@ It applies every workaround of ENGINE_NOTES:
 - compiled rules compare one message with constants (checked again here before registration, upstream #381);
 - the monitor assigns engine sids itself and refuses a sid whose 32-bit FNV-1a hash collides with another in the
   same registration (two subjects must never share a session);
+- within a session the engine finds stored facts by the same 32-bit hash of their id: a fact whose id collides
+  with a stored one looks already held and never fires (checked on 2.0.28: `visit:D70948` and `visit:D342922`).
+  A fact whose id collides with another of its subject's is posted under its id with a `~n` suffix;
 - subjects are sharded over several registrations of the same ruleset, each well under 1,024 sessions;
   `delete_state` is never called;
 - sessions are pooled (`max_sessions`): a session costs ~660 KB with the bundled rules, so only the subjects
@@ -255,6 +258,11 @@ class RulesEngine:
         self._next_sid = 0
         self._asserted: dict[str, dict[str, dict[str, Any]]] = {}
         self._matches: dict[str, dict[str, set[str]]] = {}
+        # the engine finds a session's stored facts by a 32-bit FNV-1a hash of their id: a fact whose id collides
+        # with a stored one looks already held and never fires. Per subject: hash -> fact id of the stored facts,
+        # and the engine id of each fact posted under another id than its own (its id with a "~n" suffix)
+        self._stored_hashes: dict[str, dict[int, str]] = {}
+        self._engine_ids: dict[str, dict[str, str]] = {}
         self._fired: list[tuple[str, str, str]] = []
         self.action_errors = 0
 
@@ -286,17 +294,25 @@ class RulesEngine:
         """Forget a subject whose session could not be emptied (an engine call failed while retracting): the
         session is never handed to another subject; the subject gets a fresh one at its next `sync`."""
         self._sids.pop(subject_id, None)
+        self._forget(subject_id)
+
+    def _forget(self, subject_id: str) -> None:
         self._asserted.pop(subject_id, None)
         self._matches.pop(subject_id, None)
+        self._stored_hashes.pop(subject_id, None)
+        self._engine_ids.pop(subject_id, None)
+
+    def _engine_id(self, subject_id: str, fid: str) -> str:
+        return self._engine_ids.get(subject_id, {}).get(fid, fid)
 
     def _evict(self, subject_id: str) -> tuple[str, str]:
         name, sid = self._sids[subject_id]
         held = sorted(self._matches.get(subject_id, {}))  # the facts the engine holds (sync's rule)
         if held:
-            self._batch(subject_id, native.retract_facts, name, [_retraction(sid, fid) for fid in held], held)
+            self._batch(subject_id, native.retract_facts, name,
+                        [_retraction(sid, self._engine_id(subject_id, fid)) for fid in held], held)
         del self._sids[subject_id]
-        self._asserted.pop(subject_id, None)
-        self._matches.pop(subject_id, None)
+        self._forget(subject_id)
         return name, sid
 
     def _new_session(self) -> tuple[str, str]:
@@ -364,20 +380,39 @@ class RulesEngine:
         ids = held if changed is None else [fid for fid in changed if fid in held]
         gone = sorted(fid for fid in ids if facts.get(fid) is not held[fid] and facts.get(fid) != held[fid])
         retract = [fid for fid in gone if matches.pop(fid, None) is not None]
+        stored = self._stored_hashes.setdefault(subject_id, {})
+        renamed = self._engine_ids.setdefault(subject_id, {})
+        texts = []
+        for fid in retract:
+            eid = renamed.get(fid, fid)
+            stored.pop(sid_hash(eid), None)
+            texts.append(_retraction(sid, eid))
         for fid in gone:
             del held[fid]
+            renamed.pop(fid, None)
         if retract:
-            self._batch(subject_id, native.retract_facts, name, [_retraction(sid, fid) for fid in retract], retract)
+            self._batch(subject_id, native.retract_facts, name, texts, retract)
         new = sorted(f for f in (facts if changed is None else changed) if f not in held and f in facts)
         if not new:
             return
-        texts = [message_json(facts[fid], sid, fid) for fid in new]  # refuses a bad number before any engine call
+        by_eid: dict[str, str] = {}
+        taken = dict(stored)
+        for fid in new:
+            eid, n = fid, 0
+            while (h := sid_hash(eid)) in taken:  # would look held: post it under another id (rare: 1 in ~10^6)
+                n += 1
+                eid = f"{fid}~{n}"
+            taken[h] = fid
+            by_eid[eid] = fid
+            if eid != fid:
+                renamed[fid] = eid
+        texts = [message_json(facts[fid], sid, eid) for eid, fid in by_eid.items()]  # refuses a bad number first
         self._fired.clear()
         self._batch(subject_id, native.assert_facts, name, texts, new)
         fired: dict[str, set[str]] = {fid: set() for fid in new}
         stray = []
         for rule, s, f in self._fired:
-            rules = fired.get(f) if s == sid else None
+            rules = fired.get(by_eid.get(f, "")) if s == sid else None
             if rules is None:
                 stray.append((rule, s, f))
             else:
@@ -388,6 +423,9 @@ class RulesEngine:
             raise EngineError(f"engine fired for another session or fact: {stray[:3]} (session isolation broken)")
         for fid in new:
             held[fid] = facts[fid]  # callers pass messages they never change (Fact.message() is built once)
+        for eid, fid in by_eid.items():
+            if fired[fid] or not self._fired_only_held:
+                stored[sid_hash(eid)] = fid
         if self._fired_only_held:
             matches.update((fid, rules) for fid, rules in fired.items() if rules)
         else:

@@ -57,6 +57,38 @@ def test_colliding_subject_ids_get_separate_sessions():
     assert [f["value"] for f in e.engine_facts("KD-0329599")] == [1.0]
 
 
+# two fact ids of one subject whose 32-bit FNV-1a hashes collide (found by a birthday search over visit ids)
+COLLIDING_FACTS = ("visit:D70948", "visit:D342922")
+
+
+def test_colliding_fact_ids_of_one_subject_both_fire():
+    """durable_rules finds a session's stored facts by the hash of their id: the second of two colliding ids
+    looked already held and silently never fired. Both fire, in one sync or one after the other, and both go."""
+    a, b = COLLIDING_FACTS
+    assert sid_hash(a) == sid_hash(b)
+    for steps in ([{a: lab(0.5), b: lab(0.5)}], [{a: lab(0.5)}, {a: lab(0.5), b: lab(0.7)}],
+                  [{b: lab(0.5)}, {a: lab(0.5), b: lab(0.5)}]):
+        e = make()
+        for facts in steps:
+            e.sync("A", facts)
+        assert e.matches("A") == {("LOW", a), ("LOW", b)}, steps
+        assert sorted(f["value"] for f in e.engine_facts("A")) == sorted(v["value"] for v in steps[-1].values())
+        e.sync("A", {a: lab(0.5)})  # b goes: a stays
+        assert e.matches("A") == {("LOW", a)}
+        assert [f["value"] for f in e.engine_facts("A")] == [0.5]
+        e.sync("A", {})
+        assert e.engine_facts("A") == []
+
+
+def test_an_evicted_subject_with_a_renamed_fact_leaves_its_session_empty():
+    a, b = COLLIDING_FACTS
+    e = make(max_sessions=1)
+    e.sync("A", {a: lab(0.5), b: lab(0.5)})
+    e.sync("B", {b: lab(0.6)})  # takes A's session: A's facts are retracted, whatever id they were posted under
+    assert e.matches("B") == {("LOW", b)}
+    assert [f["value"] for f in e.engine_facts("B")] == [0.6]
+
+
 def _hashes_unique_per_registration(e: RulesEngine, subjects: list[str], hash_fn) -> dict[str, list[str]]:
     by_shard: dict[str, list[str]] = defaultdict(list)
     for s in subjects:
