@@ -396,13 +396,13 @@ class RulesEngine:
         if not new:
             return
         by_eid: dict[str, str] = {}
-        taken = dict(stored)
+        posting: set[int] = set()
         for fid in new:
             eid, n = fid, 0
-            while (h := sid_hash(eid)) in taken:  # would look held: post it under another id (rare: 1 in ~10^6)
+            while (h := sid_hash(eid)) in stored or h in posting:  # would look held: post it under another id
                 n += 1
                 eid = f"{fid}~{n}"
-            taken[h] = fid
+            posting.add(h)
             by_eid[eid] = fid
             if eid != fid:
                 renamed[fid] = eid
