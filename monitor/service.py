@@ -102,49 +102,6 @@ class MonitorService:
         self._retries = 0  # waits since the broker last acknowledged: the next one is `backoff.delay(_retries)`
         self.site_risk: Any = None  # monitor.kri.SiteRisk when rules/kri.yaml exists: recomputed on its schedule
 
-    # the sinks, the topic's known pairs and what is told of each published record live in the outbox;
-    # build_service connects the sinks after __init__
-    @property
-    def metrics(self) -> Metrics | None:
-        return self.outbox.metrics
-
-    @metrics.setter
-    def metrics(self, metrics: Metrics | None) -> None:
-        self.outbox.metrics = metrics
-
-    @property
-    def on_alert(self) -> Callable[[Alert], None] | None:
-        return self.outbox.on_alert
-
-    @on_alert.setter
-    def on_alert(self, on_alert: Callable[[Alert], None] | None) -> None:
-        self.outbox.on_alert = on_alert
-
-    @property
-    def alerts(self) -> AlertSink:
-        return self.outbox.alerts
-
-    @alerts.setter
-    def alerts(self, sink: AlertSink) -> None:
-        self.outbox.alerts = sink
-
-    @property
-    def dead_letters(self) -> RejectSink:
-        return self.outbox.dead_letters
-
-    @dead_letters.setter
-    def dead_letters(self, sink: RejectSink) -> None:
-        self.outbox.dead_letters = sink
-
-    @property
-    def published(self) -> set[tuple[str, str]]:
-        """(alert_id, status) pairs known to be on the alerts topic: never published again."""
-        return self.outbox.published
-
-    @published.setter
-    def published(self, pairs: set[tuple[str, str]]) -> None:
-        self.outbox.published = pairs
-
     def _not_ready(self) -> None:
         self.state.ready = False
 
@@ -166,7 +123,7 @@ class MonitorService:
 
     def _start_rebuilds(self) -> set[TopicPartition]:
         """Newly assigned partitions start their rebuild (`Rebuild.start`); readiness follows."""
-        tps = self.rebuild.start(self.source, published=self.published, site_risk=self.site_risk)
+        tps = self.rebuild.start(self.source, published=self.outbox.published, site_risk=self.site_risk)
         if tps:
             self._update_ready()
         return tps
@@ -208,16 +165,16 @@ class MonitorService:
                 if rec.offset is not None and rec.offset < self.state.bulk_until.get(tp, 0):
                     continue  # rebuilding history: dead-lettered before the group committed past it
                 self.stats["rejected"] += 1
-                if self.metrics is not None:
-                    self.metrics.events_rejected.labels(exc.reason).inc()
+                if self.outbox.metrics is not None:
+                    self.outbox.metrics.events_rejected.labels(exc.reason).inc()
                 log.warning("rejected %s: %s", rec.origin, exc.reason)
-                self.dead_letters.add(rec, exc)
+                self.outbox.dead_letters.add(rec, exc)
                 if self.site_risk is not None:
                     self.site_risk.intake.dead_lettered(rec.value)
                 continue
             self.stats["events"] += 1
-            if self.metrics is not None:
-                self.metrics.events_consumed.labels(event.site_id, event.type).inc()
+            if self.outbox.metrics is not None:
+                self.outbox.metrics.events_consumed.labels(event.site_id, event.type).inc()
             self.state.subjects_by_partition.setdefault(tp, set()).add(event.subject_id)
             self.monitor.lanes[event.subject_id] = tp
             self._last_record_at[tp] = time.monotonic()
@@ -229,15 +186,15 @@ class MonitorService:
                     continue
                 batches.flush()
                 produced.extend(self._note_withdrawals(self.rebuild.finish(tp, monitor=self.monitor,
-                                                                           published=self.published),
+                                                                           published=self.outbox.published),
                                                        cause="recovery"))
             batches.add((event, payload, {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
                          rec))
         batches.flush()
         for tp in self.rebuild.finished(offsets):
             produced.extend(self._note_withdrawals(self.rebuild.finish(tp, monitor=self.monitor,
-                                                                       published=self.published), cause="recovery"))
-        self.rebuild.settle_due(offsets, monitor=self.monitor, published=self.published, produced=produced,
+                                                                       published=self.outbox.published), cause="recovery"))
+        self.rebuild.settle_due(offsets, monitor=self.monitor, published=self.outbox.published, produced=produced,
                                 note=lambda alerts: self._note_withdrawals(alerts, cause="recovery"))
         self._advance_idle()
         produced.extend((a, None) for a in self._note_withdrawals(self.monitor.tick(), cause="deadline"))
@@ -280,10 +237,10 @@ class MonitorService:
                 if rebuilding:
                     continue  # dead-lettered before the group committed past it
                 self.stats["rejected"] += 1
-                if self.metrics is not None:
-                    self.metrics.events_rejected.labels(refusal.reason).inc()
+                if self.outbox.metrics is not None:
+                    self.outbox.metrics.events_rejected.labels(refusal.reason).inc()
                 log.warning("rejected %s: %s", rec.origin, refusal.reason)
-                self.dead_letters.add(rec, refusal)
+                self.outbox.dead_letters.add(rec, refusal)
             out.extend(flat_records(rec, mapped))
         return out, offsets
 
@@ -297,9 +254,9 @@ class MonitorService:
                 if rec is None:
                     continue
                 self.stats["rejected"] += 1
-                if self.metrics is not None:
-                    self.metrics.events_rejected.labels(error.reason).inc()
-                self.dead_letters.add(rec, error)
+                if self.outbox.metrics is not None:
+                    self.outbox.metrics.events_rejected.labels(error.reason).inc()
+                self.outbox.dead_letters.add(rec, error)
                 if self.site_risk is not None:
                     self.site_risk.intake.dead_lettered(rec.value)
 
@@ -359,10 +316,10 @@ class MonitorService:
 
     def _refresh_gauges(self, every_s: float = 1.0) -> None:
         """State gauges, at most once a second, on the service thread (the state's only owner)."""
-        if self.metrics is None or time.monotonic() - self._gauges_at < every_s:
+        if self.outbox.metrics is None or time.monotonic() - self._gauges_at < every_s:
             return
         self._gauges_at = time.monotonic()
-        m, mon = self.metrics, self.monitor
+        m, mon = self.outbox.metrics, self.monitor
         m.set_gauge(m.subjects, "subjects", Tally((s.site_id, s.arm or "unknown") for s in mon.subjects.values()))
         m.set_gauge(m.open_alerts, "open", Tally((a.site_id, a.severity) for a in mon.book.open_alerts()))
         pending: Tally[tuple[str, ...]] = Tally({(s.site_id,): 0 for s in mon.subjects.values()})
@@ -403,7 +360,7 @@ class MonitorService:
         if self.state.ready and not was_ready and self.refresh_published is not None:
             # read back for the rebuild; read again at the next assignment or reload (rebound, not cleared: the
             # alert book keeps each adopted subject's own pairs)
-            self.published = set()
+            self.outbox.published = set()
             self.rebuild.forget_read_back()
 
     metrics_server: Any = None
@@ -413,7 +370,7 @@ class MonitorService:
             self.metrics_server.shutdown()
         if self.audit_store is not None:
             self.audit_store.close()
-        for part in (self.source, self.alerts, self.dead_letters):
+        for part in (self.source, self.outbox.alerts, self.outbox.dead_letters):
             if part is None:
                 continue
             closer = getattr(part, "close", None)
@@ -443,8 +400,8 @@ class MonitorService:
         except RuleFileError as exc:
             log.error("new rules refused; version %s stays in force:\n  %s", old.rules.version,
                       "\n  ".join(f"{p}:{line}: {m}" for p, line, m in exc.problems))
-            if self.metrics is not None:
-                self.metrics.rules_reload_failures.inc()
+            if self.outbox.metrics is not None:
+                self.outbox.metrics.rules_reload_failures.inc()
             try:
                 self._audit("rules_refused", {"version_in_force": old.rules.version,
                                               "problems": [f"{p}:{line}: {m}" for p, line, m in exc.problems][:50]})
@@ -455,7 +412,7 @@ class MonitorService:
             return False
         if self.refresh_published is not None:  # the new book restarts its occurrence numbers: check the topic
             try:
-                self.published |= self.refresh_published()
+                self.outbox.published |= self.refresh_published()
             except MonitorError as exc:
                 log.error("new rules not switched: the alerts topic could not be read back (%s); version %s stays "
                           "in force, send SIGHUP to retry", exc, old.rules.version)
@@ -478,8 +435,8 @@ class MonitorService:
         for subject_id, state in old.subjects.items():  # partition bookkeeping and site ids carry over
             if subject_id in new.subjects:
                 new.subjects[subject_id].site_id = state.site_id
-        if self.published:  # what the topic holds, so a raise under the new rules never reuses a published id
-            new.book.take_published(self.published)
+        if self.outbox.published:  # what the topic holds, so a raise under the new rules never reuses a published id
+            new.book.take_published(self.outbox.published)
         taken = new.book.take_over(old.book, detected_at=self.clocks.now().isoformat(), version=rules.version)
         changes: list[tuple[Alert, int | None]] = [(a, None) for a in taken]
         raised_n = sum(a.status == "raised" for a in taken)
@@ -492,8 +449,8 @@ class MonitorService:
             log.error("new rules version %s NOT switched to: the audit trail could not record it (%s); version %s "
                       "stays in force and alerts keep flowing; fix the store, then edit the rules or send SIGHUP",
                       rules.version, exc, old.rules.version)
-            if self.metrics is not None:
-                self.metrics.rules_reload_failures.inc()
+            if self.outbox.metrics is not None:
+                self.outbox.metrics.rules_reload_failures.inc()
             return False
         self.monitor = new
         if self.site_risk is not None and rules.kri is not None:
@@ -501,8 +458,8 @@ class MonitorService:
         self._note_withdrawals(changes, cause="rules_change")
         self.outbox.hold(positioned(changes, {}, lanes=self.monitor.lanes, committed=self.rebuild.committed), {})
         self._settle()  # held and retried by run() if the broker does not acknowledge
-        if self.metrics is not None:
-            self.metrics.rules.info({"version": rules.version})
+        if self.outbox.metrics is not None:
+            self.outbox.metrics.rules.info({"version": rules.version})
         log.info("rules version %s in force (was %s): %d subjects rebuilt in %.2f s; %d alerts raised, %d withdrawn",
                  rules.version, old.rules.version, len(new.subjects), time.monotonic() - started,
                  raised_n, withdrawn_n)
@@ -628,9 +585,9 @@ def build_service(settings: Settings, *, on_alert: Callable[[Alert], None] | Non
                                               port=settings.metrics_port, ready=lambda: service.state.ready).start()
         log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", settings.metrics_host,
                  settings.metrics_port)
-    service.alerts = connect_with_backoff("alerts producer", lambda: KafkaAlertSink(settings=settings), settings=settings,
+    service.outbox.alerts = connect_with_backoff("alerts producer", lambda: KafkaAlertSink(settings=settings), settings=settings,
                               stop=stop)
-    service.dead_letters = connect_with_backoff("dead-letter producer", lambda: KafkaDeadLetterSink(settings=settings),
+    service.outbox.dead_letters = connect_with_backoff("dead-letter producer", lambda: KafkaDeadLetterSink(settings=settings),
                                     settings=settings, stop=stop)
     service.attach(connect_with_backoff("events consumer", lambda: KafkaEventSource(
         settings=settings, on_assigned=service.on_assigned, on_revoked=service.on_revoked),

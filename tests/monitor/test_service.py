@@ -273,9 +273,9 @@ def test_withdrawals_are_counted_by_rule_and_cause_without_subject_ids():
     from monitor.metrics import Metrics
 
     svc, source, alerts, dead = service([RECORDS])
-    svc.metrics = Metrics(registry=CollectorRegistry())
+    svc.outbox.metrics = Metrics(registry=CollectorRegistry())
     svc.run_once(threading.Event())
-    text = generate_latest(svc.metrics.registry).decode()
+    text = generate_latest(svc.outbox.metrics.registry).decode()
     assert ('protocol_monitor_alerts_withdrawn_total{cause="late_data",rule="DOSE-H12-MISSED-ESCALATION"} 1.0'
             in text), [line for line in text.splitlines() if "withdrawn" in line]
     assert "ANA-021" not in text
