@@ -47,7 +47,7 @@ from monitor.clock import PartitionClocks, ReplayClock
 from monitor.config import Settings
 from monitor.errors import EventRejected, MonitorError, RuleFileError
 from monitor.evaluator import Monitor
-from monitor.events import decode, parse_event
+from monitor.events import parse_record
 from monitor.metrics import Metrics
 from monitor.outbox import Outbox, positioned
 from monitor.rebuild import Rebuild, ServiceState
@@ -158,8 +158,7 @@ class MonitorService:
             tp = TopicPartition(rec.topic, rec.partition)
             offsets[tp] = int(rec.offset) + 1  # type: ignore[arg-type]
             try:
-                payload = decode(rec.value, max_bytes=self.settings.max_message_bytes)
-                event = parse_event(payload)
+                event, payload = parse_record(rec.value, max_bytes=self.settings.max_message_bytes)
                 batches.admit(event)
             except EventRejected as exc:
                 if rec.offset is not None and rec.offset < self.state.bulk_until.get(tp, 0):
